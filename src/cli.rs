@@ -1,0 +1,589 @@
+//! Command line and environment: everything the customer can set, validated before anything touches
+//! the system. `parse` is pure over its inputs so that every refusal is testable without a process.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The longest `--case` we accept: it travels percent-encoded in the hello and shows in `tunl list`.
+pub const MAX_CASE_LEN: usize = 200;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Share,
+    Restricted,
+    Tunnel,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Share => "share",
+            Mode::Restricted => "restricted",
+            Mode::Tunnel => "tunnel",
+        }
+    }
+    pub fn from_str(s: &str) -> Option<Mode> {
+        match s {
+            "share" => Some(Mode::Share),
+            "restricted" => Some(Mode::Restricted),
+            "tunnel" => Some(Mode::Tunnel),
+            _ => None,
+        }
+    }
+}
+
+/// The whole configuration of one session, from options and environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub session_id: String,
+    pub case: String,
+    pub token: Option<String>,
+    /// The account support logs in as through the tunnel.
+    pub user: String,
+    pub mode: Mode,
+    pub attach: bool,
+    pub debug: bool,
+    pub target_host: String,
+    pub target_port: u16,
+    pub relay: String,
+    pub relay_port: u16,
+    pub relay_user: String,
+    /// Base URL of the relay API, always `https://...` without a trailing slash.
+    pub api: String,
+    pub authkeys_file: PathBuf,
+    /// The relay CA public key in OpenSSH one-line form.
+    pub ca_pubkey: String,
+    pub compress: bool,
+    /// The tmux prefix key spec (`C-b` unless TUNL_PREFIX says otherwise; tmux itself judges it).
+    pub prefix: String,
+    /// Where the asciinema recording goes; `None` means the manual's three locations in order.
+    pub recording_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Run(Box<Config>),
+    Help,
+    Version,
+}
+
+/// A refusal: one line for the customer, exit status 1.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError(msg.into()))
+}
+
+/// The relay CA embedded at build time. A release build replaces `keys/relay-ca.pub`.
+pub const EMBEDDED_CA: &str = include_str!("../keys/relay-ca.pub");
+
+pub const USAGE: &str = "\
+linbit-tunl -- open a shared terminal session so LINBIT support can assist on this system
+
+Usage:
+  linbit-tunl [--case CASE] [--token TOKEN] [--user USER]
+              [--restricted] [--tunnel]
+              [--attach] [--debug] [--target HOST:PORT] SESSION_ID
+
+Arguments:
+  SESSION_ID           four lowercase words joined by hyphens, e.g. swift-fox-jumps-barrel
+
+Options:
+  --case CASE          support case number or short description (shown to support)
+  --token TOKEN        six-digit pre-registration token for certificate signing
+  --user USER          account support logs in as through the tunnel (default: $USER or $LOGNAME)
+  --restricted         watch-only: support can see and chat, not type or request a tunnel
+  --tunnel             open the reverse tunnel at start and grant requests without a popup;
+                       works without tmux
+  --attach             create a window in the current tmux session instead of a new server
+  --debug              keep /tmp/linbit-tunl-{hash}/ after exit
+  --target HOST:PORT   forward the reverse tunnel to HOST:PORT (default localhost:22)
+  -h, --help           print this help and exit
+  -V, --version        print the version and exit
+
+Environment:
+  TUNL_RELAY            relay hostname (default tunl.linbit.com)
+  TUNL_RELAY_PORT       relay SSH port (default 22)
+  TUNL_USER             SSH user on the relay (default tunl)
+  TUNL_API              relay API base URL (default https://tunl.linbit.com)
+  TUNL_AUTHKEYS_FILE    authorized_keys for support keys (default ~/.ssh/authorized_keys)
+  TUNL_TARGET_HOST      host part of --target (default localhost)
+  TUNL_TARGET_PORT      port part of --target (default 22)
+  TUNL_RELAY_CA_PUBKEY  override the embedded relay CA public key (testing)
+  TUNL_COMPRESS         SSH compression, 1 or 0 (default 1)
+  TUNL_PREFIX           tmux prefix key for the session (default C-b)
+  TUNL_RECORDING_DIR    write the session recording here instead of the default locations
+  SSL_CERT_FILE         extra PEM roots trusted for TUNL_API
+
+Hotkeys (prefix Ctrl-b unless TUNL_PREFIX): Q end session, c chat/shell, u grant tunnel,
+U revoke tunnel, X block tunnel requests, L reset layout, F1 or Enter menu, ? cheat sheet.
+
+Exit status: 0 normal end, 1 fatal error, 130 SIGINT, 143 SIGTERM.
+";
+
+/// A session ID is four lowercase ASCII words joined by single hyphens.
+pub fn valid_session_id(s: &str) -> bool {
+    let words: Vec<&str> = s.split('-').collect();
+    words.len() == 4
+        && words.iter().all(|w| !w.is_empty() && w.len() <= 32 && w.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+fn valid_token(s: &str) -> bool {
+    s.len() == 6 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// POSIX portable user names (plus the `$` some systems allow at the end for machine accounts).
+fn valid_user(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && b[0] != b'-'
+        && b.iter().enumerate().all(|(i, &c)| {
+            c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-' || (c == b'$' && i == b.len() - 1)
+        })
+}
+
+fn valid_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-' || c == b'_')
+        && !s.starts_with('-')
+}
+
+fn valid_ipv6(s: &str) -> bool {
+    s.parse::<std::net::Ipv6Addr>().is_ok()
+}
+
+fn parse_port(what: &str, s: &str) -> Result<u16, CliError> {
+    match s.parse::<u16>() {
+        Ok(p) if p >= 1 && s.bytes().all(|c| c.is_ascii_digit()) => Ok(p),
+        _ => err(format!("{what}: '{}' is not a port number (1-65535)", printable(s))),
+    }
+}
+
+/// Split `HOST:PORT`, where an IPv6 host is written in brackets.
+pub fn parse_target(s: &str) -> Result<(String, u16), CliError> {
+    let bad = || err(format!("--target: '{}' is not HOST:PORT (IPv6 as [ADDR]:PORT)", printable(s)));
+    if let Some(rest) = s.strip_prefix('[') {
+        let Some((host, port)) = rest.split_once("]:") else { return bad() };
+        if !valid_ipv6(host) {
+            return bad();
+        }
+        return Ok((host.to_string(), parse_port("--target", port)?));
+    }
+    let Some((host, port)) = s.rsplit_once(':') else { return bad() };
+    if !valid_host(host) {
+        return bad();
+    }
+    Ok((host.to_string(), parse_port("--target", port)?))
+}
+
+/// Text for an error line: control characters from the command line never reach the terminal raw.
+pub fn printable(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
+/// Read the environment that matters, so `parse` stays pure.
+pub fn environment() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+        .filter(|(k, _)| k.starts_with("TUNL_") || k == "USER" || k == "LOGNAME" || k == "HOME" || k == "TMUX")
+        .collect()
+}
+
+fn getenv<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// Non-empty value of a variable, or the default.
+fn env_or<'a>(env: &'a [(String, String)], key: &str, default: &'a str) -> &'a str {
+    match getenv(env, key) {
+        Some(v) if !v.is_empty() => v,
+        _ => default,
+    }
+}
+
+fn os_to_string(what: &str, v: OsString) -> Result<String, CliError> {
+    v.into_string().map_err(|_| CliError(format!("{what}: not valid UTF-8")))
+}
+
+/// Check that a string is one OpenSSH public key line (`TYPE BASE64 [COMMENT]`).
+pub fn valid_public_key(s: &str) -> bool {
+    ssh_key::PublicKey::from_openssh(s.trim()).is_ok()
+}
+
+pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)]) -> Result<Action, CliError> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let mut session_id: Option<String> = None;
+    let mut case = String::new();
+    let mut token = None;
+    let mut user = None;
+    let (mut restricted, mut tunnel, mut attach, mut debug) = (false, false, false, false);
+    let mut target = None;
+    loop {
+        let arg = match p.next() {
+            Ok(Some(a)) => a,
+            Ok(None) => break,
+            Err(e) => return err(printable(&e.to_string())),
+        };
+        let value = |p: &mut lexopt::Parser, name: &str| -> Result<String, CliError> {
+            let v = p.value().map_err(|_| CliError(format!("{name} needs a value")))?;
+            os_to_string(name, v)
+        };
+        match arg {
+            Short('h') | Long("help") => return Ok(Action::Help),
+            Short('V') | Long("version") => return Ok(Action::Version),
+            Long("case") => case = value(&mut p, "--case")?,
+            Long("token") => token = Some(value(&mut p, "--token")?),
+            Long("user") => user = Some(value(&mut p, "--user")?),
+            Long("target") => target = Some(value(&mut p, "--target")?),
+            Long("restricted") => restricted = true,
+            Long("tunnel") => tunnel = true,
+            Long("attach") => attach = true,
+            Long("debug") => debug = true,
+            Value(v) => {
+                let v = os_to_string("SESSION_ID", v)?;
+                if session_id.is_some() {
+                    return err(format!("unexpected extra argument '{}' (only one SESSION_ID)", printable(&v)));
+                }
+                session_id = Some(v);
+            }
+            Long(o) => return err(format!("unknown option '--{}' (see --help)", printable(o))),
+            Short(c) => return err(format!("unknown option '-{}' (see --help)", printable(&c.to_string()))),
+        }
+    }
+    let Some(session_id) = session_id else {
+        return err("missing SESSION_ID (four lowercase words joined by hyphens, e.g. swift-fox-jumps-barrel)");
+    };
+    if !valid_session_id(&session_id) {
+        return err(format!(
+            "invalid session ID '{}': expected four lowercase words joined by hyphens, e.g. swift-fox-jumps-barrel",
+            printable(&session_id)
+        ));
+    }
+    if let Some(t) = &token {
+        if !valid_token(t) {
+            return err("--token: expected exactly six digits, as given by LINBIT support");
+        }
+    }
+    if case.chars().any(char::is_control) {
+        return err("--case: must not contain control characters");
+    }
+    if case.len() > MAX_CASE_LEN {
+        return err(format!("--case: longer than {MAX_CASE_LEN} bytes; give the case number or a short description"));
+    }
+    if restricted && tunnel {
+        return err("--restricted and --tunnel contradict each other: watch-only mode cannot open a tunnel");
+    }
+    let user = match user {
+        Some(u) => u,
+        None => {
+            match getenv(env, "USER").filter(|v| !v.is_empty()).or(getenv(env, "LOGNAME").filter(|v| !v.is_empty())) {
+                Some(u) => u.to_string(),
+                None => return err("cannot tell the user name: set --user USER (neither $USER nor $LOGNAME is set)"),
+            }
+        }
+    };
+    if !valid_user(&user) {
+        return err(format!("--user: '{}' is not a valid user name", printable(&user)));
+    }
+
+    let (mut target_host, mut target_port) = (env_or(env, "TUNL_TARGET_HOST", "localhost").to_string(), 22);
+    if !valid_host(&target_host) && !valid_ipv6(&target_host) {
+        return err(format!("TUNL_TARGET_HOST: '{}' is not a host name or address", printable(&target_host)));
+    }
+    if let Some(p) = getenv(env, "TUNL_TARGET_PORT").filter(|v| !v.is_empty()) {
+        target_port = parse_port("TUNL_TARGET_PORT", p)?;
+    }
+    if let Some(t) = target {
+        (target_host, target_port) = parse_target(&t)?;
+    }
+
+    let relay = env_or(env, "TUNL_RELAY", "tunl.linbit.com").to_string();
+    if !valid_host(&relay) && !valid_ipv6(&relay) {
+        return err(format!("TUNL_RELAY: '{}' is not a host name or address", printable(&relay)));
+    }
+    let relay_port = parse_port("TUNL_RELAY_PORT", env_or(env, "TUNL_RELAY_PORT", "22"))?;
+    let relay_user = env_or(env, "TUNL_USER", "tunl").to_string();
+    if !valid_user(&relay_user) {
+        return err(format!("TUNL_USER: '{}' is not a valid user name", printable(&relay_user)));
+    }
+    let api = env_or(env, "TUNL_API", "https://tunl.linbit.com").trim_end_matches('/').to_string();
+    match api.strip_prefix("https://") {
+        Some(rest) if !rest.is_empty() && rest.bytes().all(|c| c.is_ascii_graphic()) => {}
+        _ => return err(format!("TUNL_API: '{}' is not an https:// URL", printable(&api))),
+    }
+    let ca_pubkey = match getenv(env, "TUNL_RELAY_CA_PUBKEY").filter(|v| !v.is_empty()) {
+        Some(k) if valid_public_key(k) => k.trim().to_string(),
+        Some(_) => return err("TUNL_RELAY_CA_PUBKEY: not an SSH public key line (TYPE BASE64 [COMMENT])"),
+        None => EMBEDDED_CA.trim().to_string(),
+    };
+    let compress = match env_or(env, "TUNL_COMPRESS", "1") {
+        "1" => true,
+        "0" => false,
+        other => return err(format!("TUNL_COMPRESS: '{}' must be 1 or 0", printable(other))),
+    };
+    let authkeys_file = match getenv(env, "TUNL_AUTHKEYS_FILE").filter(|v| !v.is_empty()) {
+        Some(f) => PathBuf::from(f),
+        None => match home_of(&user, env) {
+            Some(h) => h.join(".ssh/authorized_keys"),
+            None => return err(format!("cannot find the home directory of '{user}': set TUNL_AUTHKEYS_FILE")),
+        },
+    };
+    let prefix = env_or(env, "TUNL_PREFIX", "C-b").to_string();
+    let recording_dir = getenv(env, "TUNL_RECORDING_DIR").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mode = if restricted {
+        Mode::Restricted
+    } else if tunnel {
+        Mode::Tunnel
+    } else {
+        Mode::Share
+    };
+    Ok(Action::Run(Box::new(Config {
+        session_id,
+        case,
+        token,
+        user,
+        mode,
+        attach,
+        debug,
+        target_host,
+        target_port,
+        relay,
+        relay_port,
+        relay_user,
+        api,
+        authkeys_file,
+        ca_pubkey,
+        compress,
+        prefix,
+        recording_dir,
+    })))
+}
+
+/// The home directory of the tunnel user: from /etc/passwd, or $HOME when the user is ourselves.
+fn home_of(user: &str, env: &[(String, String)]) -> Option<PathBuf> {
+    if let Ok(pw) = std::fs::read_to_string("/etc/passwd") {
+        for line in pw.lines() {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() >= 7 && f[0] == user && !f[5].is_empty() {
+                return Some(PathBuf::from(f[5]));
+            }
+        }
+    }
+    let me = getenv(env, "USER").or(getenv(env, "LOGNAME"));
+    match (me, getenv(env, "HOME")) {
+        (Some(me), Some(h)) if me == user && !h.is_empty() => Some(PathBuf::from(h)),
+        _ => None,
+    }
+}
+
+impl Config {
+    /// Serialise for `daemon.conf`: one `key=value` per line, values percent-encoded.
+    pub fn to_conf(&self) -> String {
+        let mut s = String::new();
+        let mut put = |k: &str, v: &str| {
+            s.push_str(k);
+            s.push('=');
+            s.push_str(&pct_encode(v));
+            s.push('\n');
+        };
+        put("session_id", &self.session_id);
+        put("case", &self.case);
+        put("token", self.token.as_deref().unwrap_or(""));
+        put("user", &self.user);
+        put("mode", self.mode.as_str());
+        put("attach", if self.attach { "1" } else { "0" });
+        put("debug", if self.debug { "1" } else { "0" });
+        put("target_host", &self.target_host);
+        put("target_port", &self.target_port.to_string());
+        put("relay", &self.relay);
+        put("relay_port", &self.relay_port.to_string());
+        put("relay_user", &self.relay_user);
+        put("api", &self.api);
+        put("authkeys_file", &self.authkeys_file.to_string_lossy());
+        put("ca_pubkey", &self.ca_pubkey);
+        put("compress", if self.compress { "1" } else { "0" });
+        put("prefix", &self.prefix);
+        put(
+            "recording_dir",
+            &self.recording_dir.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+        );
+        s
+    }
+
+    pub fn from_conf(text: &str) -> Result<Config, String> {
+        let mut m = std::collections::HashMap::new();
+        for line in text.lines() {
+            let (k, v) = line.split_once('=').ok_or_else(|| format!("daemon.conf: bad line '{}'", printable(line)))?;
+            m.insert(k.to_string(), pct_decode(v).ok_or("daemon.conf: bad encoding")?);
+        }
+        let get = |k: &str| m.get(k).cloned().ok_or_else(|| format!("daemon.conf: missing {k}"));
+        let num = |k: &str| -> Result<u16, String> { get(k)?.parse().map_err(|_| format!("daemon.conf: bad {k}")) };
+        Ok(Config {
+            session_id: get("session_id")?,
+            case: get("case")?,
+            token: Some(get("token")?).filter(|t| !t.is_empty()),
+            user: get("user")?,
+            mode: Mode::from_str(&get("mode")?).ok_or("daemon.conf: bad mode")?,
+            attach: get("attach")? == "1",
+            debug: get("debug")? == "1",
+            target_host: get("target_host")?,
+            target_port: num("target_port")?,
+            relay: get("relay")?,
+            relay_port: num("relay_port")?,
+            relay_user: get("relay_user")?,
+            api: get("api")?,
+            authkeys_file: PathBuf::from(get("authkeys_file")?),
+            ca_pubkey: get("ca_pubkey")?,
+            compress: get("compress")? == "1",
+            prefix: get("prefix")?,
+            recording_dir: Some(get("recording_dir")?).filter(|p| !p.is_empty()).map(PathBuf::from),
+        })
+    }
+}
+
+/// Percent-encode every byte outside `[A-Za-z0-9._~-]` (the protocol's rule for short text).
+pub fn pct_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"._~-".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Strict inverse of `pct_encode` for UTF-8 text; `None` on a malformed escape or invalid UTF-8.
+pub fn pct_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = b.get(i + 1..i + 3)?;
+            let h = std::str::from_utf8(h).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Vec<(String, String)> {
+        vec![("USER".into(), "root".into()), ("HOME".into(), "/root".into())]
+    }
+    fn run(args: &[&str]) -> Result<Action, CliError> {
+        parse(args.iter().map(OsString::from), &env())
+    }
+    fn cfg(args: &[&str]) -> Config {
+        match run(args) {
+            Ok(Action::Run(c)) => *c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&["swift-fox-jumps-barrel"]);
+        assert_eq!(c.mode, Mode::Share);
+        assert_eq!(c.relay, "tunl.linbit.com");
+        assert_eq!(c.relay_port, 22);
+        assert_eq!(c.relay_user, "tunl");
+        assert_eq!(c.api, "https://tunl.linbit.com");
+        assert_eq!((c.target_host.as_str(), c.target_port), ("localhost", 22));
+        assert!(c.compress);
+        assert_eq!(c.prefix, "C-b");
+        assert_eq!(c.user, "root");
+    }
+
+    #[test]
+    fn options_after_the_id() {
+        let c = cfg(&["swift-fox-jumps-barrel", "--case", "CASE-4711", "--token=123456", "--tunnel", "--debug"]);
+        assert_eq!(c.case, "CASE-4711");
+        assert_eq!(c.token.as_deref(), Some("123456"));
+        assert_eq!(c.mode, Mode::Tunnel);
+        assert!(c.debug);
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("localhost:2222").unwrap(), ("localhost".into(), 2222));
+        assert_eq!(parse_target("[::1]:22").unwrap(), ("::1".into(), 22));
+        for bad in ["localhost", "host:0", "host:65536", "::1:22", "[::1]", "[zz]:22", ":22", "host:-1", "host:+22"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        for args in [
+            &["Swift-fox-jumps-barrel"][..],
+            &["swift-fox-jumps"],
+            &["swift-fox-jumps-barrel-x"],
+            &["swift--jumps-barrel"],
+            &["a", "b"],
+            &[],
+            &["--token", "12345", "swift-fox-jumps-barrel"],
+            &["--restricted", "--tunnel", "swift-fox-jumps-barrel"],
+            &["--bogus", "swift-fox-jumps-barrel"],
+            &["--user", "bad user", "swift-fox-jumps-barrel"],
+            &["--case", "a\x1bb", "swift-fox-jumps-barrel"],
+            &["--target", "nohost", "swift-fox-jumps-barrel"],
+        ] {
+            assert!(run(args).is_err(), "{args:?}");
+        }
+        let long = "x".repeat(MAX_CASE_LEN + 1);
+        assert!(run(&["--case", &long, "swift-fox-jumps-barrel"]).is_err());
+    }
+
+    #[test]
+    fn env_refusals() {
+        for (k, v) in [
+            ("TUNL_RELAY_PORT", "0"),
+            ("TUNL_RELAY_PORT", "ssh"),
+            ("TUNL_TARGET_PORT", "99999"),
+            ("TUNL_COMPRESS", "yes"),
+            ("TUNL_API", "http://tunl.linbit.com"),
+            ("TUNL_RELAY_CA_PUBKEY", "not a key"),
+        ] {
+            let mut e = env();
+            e.push((k.into(), v.into()));
+            assert!(parse([OsString::from("swift-fox-jumps-barrel")], &e).is_err(), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn conf_round_trip() {
+        let c = cfg(&["--case", "Case 4711: disk % full", "--token", "123456", "swift-fox-jumps-barrel"]);
+        assert_eq!(Config::from_conf(&c.to_conf()).unwrap(), c);
+    }
+
+    #[test]
+    fn pct() {
+        assert_eq!(pct_encode("a b/ü"), "a%20b%2F%C3%BC");
+        assert_eq!(pct_decode("a%20b%2F%C3%BC").as_deref(), Some("a b/ü"));
+        assert_eq!(pct_decode("%zz"), None);
+        assert_eq!(pct_decode("%2"), None);
+    }
+}

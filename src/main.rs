@@ -1,0 +1,27 @@
+//! linbit-tunl: open a shared terminal session so LINBIT support can assist on this system.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let env = cli::environment();
+    match cli::parse(std::env::args_os().skip(1), &env) {
+        Ok(cli::Action::Help) => {
+            print!("{}", cli::USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(cli::Action::Version) => {
+            println!("linbit-tunl {}", cli::VERSION);
+            ExitCode::SUCCESS
+        }
+        Ok(cli::Action::Run(_cfg)) => {
+            eprintln!("linbit-tunl: not implemented yet");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("linbit-tunl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
