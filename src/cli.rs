@@ -25,7 +25,7 @@ impl Mode {
             Mode::Tunnel => "tunnel",
         }
     }
-    pub fn from_str(s: &str) -> Option<Mode> {
+    pub fn parse(s: &str) -> Option<Mode> {
         match s {
             "share" => Some(Mode::Share),
             "restricted" => Some(Mode::Restricted),
@@ -436,7 +436,7 @@ impl Config {
             case: get("case")?,
             token: Some(get("token")?).filter(|t| !t.is_empty()),
             user: get("user")?,
-            mode: Mode::from_str(&get("mode")?).ok_or("daemon.conf: bad mode")?,
+            mode: Mode::parse(&get("mode")?).ok_or("daemon.conf: bad mode")?,
             attach: get("attach")? == "1",
             debug: get("debug")? == "1",
             target_host: get("target_host")?,

@@ -1,0 +1,1204 @@
+//! The daemon: one thread, one poll loop over the ssh master's pipes, the tmux control client, the
+//! control fifo and the signal pipe, with timers for heartbeat, liveness and reconnect.
+//!
+//! Everything the relay says is parsed strictly and checked against the customer-side allowlist
+//! before it can act; nothing from the relay reaches a terminal without being neutralised.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use rustix::event::{PollFd, PollFlags};
+
+use crate::cli::{Config, Mode};
+use crate::proc::{self, Proc};
+use crate::protocol::{self, RelayMsg, Verdict};
+use crate::sessiondir::{Log, SessionDir};
+use crate::signals::{self, SignalPipe};
+use crate::tunnel::{self, Tunnel};
+use crate::{auth, authkeys, recording, ssh, text, tmux, ui};
+
+const PING_AFTER: Duration = Duration::from_secs(15);
+const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Stop reading the shell pane while this much is queued for the relay: a slow link must cost
+/// memory in tmux (which pauses or buffers), never unbounded memory here.
+const OUTQ_HIGH: usize = 4 << 20;
+/// The orderly end must finish within this, or the watchdog kills us.
+pub const WATCHDOG_SECS: u32 = 10;
+
+/// How the session ended, for the exit status and the BYE reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Customer,
+    RelayClose,
+    Signal(i32),
+    TmuxGone,
+    Fatal,
+}
+
+impl End {
+    pub fn status(self) -> u8 {
+        match self {
+            End::Customer | End::RelayClose | End::TmuxGone => 0,
+            End::Signal(s) if s == signals::SIGINT => 130,
+            End::Signal(s) if s == signals::SIGTERM => 143,
+            End::Signal(_) => 0,
+            End::Fatal => 1,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LinkState {
+    Connecting,
+    Up,
+    Down,
+}
+
+struct Link {
+    p: Proc,
+    outq: Vec<u8>,
+    out_off: usize,
+    split: protocol::LineSplitter,
+    errbuf: Vec<u8>,
+    last_tx: Instant,
+    last_rx: Instant,
+    started: Instant,
+    stdout_eof: bool,
+    stderr_eof: bool,
+}
+
+/// What a reply block from the tmux control client answers, in the order the commands were sent.
+#[derive(Debug)]
+enum Pending {
+    Ignore,
+    Panes,
+    Snap,
+    Clients(String),
+}
+
+struct TmuxSide {
+    p: Proc,
+    parser: tmux::ControlParser,
+    outq: Vec<u8>,
+    out_off: usize,
+    pending: VecDeque<Pending>,
+    shell: Option<u32>,
+    size: (u16, u16),
+    features: tmux::Features,
+    eof: bool,
+}
+
+pub struct Daemon {
+    cfg: Config,
+    dir: SessionDir,
+    foreground: bool,
+    auth: auth::AuthPath,
+    log: Log,
+    sshlog: Log,
+    sig: SignalPipe,
+    link: Option<Link>,
+    state: LinkState,
+    ever_welcomed: bool,
+    attempts: u32,
+    retry_at: Option<Instant>,
+    ping_n: u64,
+    tmux: Option<TmuxSide>,
+    ctl: Option<OwnedFd>,
+    ctlbuf: Vec<u8>,
+    chat_out: Option<OwnedFd>,
+    tunnel: Tunnel,
+    forward_port: Option<u16>,
+    brb: bool,
+    viewers: u32,
+    note: String,
+    rec: Option<recording::Recorder>,
+    rec_path: Option<PathBuf>,
+    popup_queue: VecDeque<(String, String, Vec<String>)>,
+    popup_open: bool,
+    end: Option<End>,
+    host: String,
+    ips: Vec<String>,
+}
+
+impl Daemon {
+    pub fn new(cfg: Config, dir: SessionDir, auth: auth::AuthPath, foreground: bool) -> Result<Daemon, String> {
+        let sig = SignalPipe::install().map_err(|e| format!("cannot set up signal handling: {e}"))?;
+        let log = Log::open(&dir.file("debug.log"));
+        let sshlog = Log::open(&dir.file("ssh.log"));
+        let (host, ips) = ssh::host_context();
+        let tunnel = Tunnel::new(cfg.mode);
+        Ok(Daemon {
+            cfg,
+            dir,
+            foreground,
+            auth,
+            log,
+            sshlog,
+            sig,
+            link: None,
+            state: LinkState::Down,
+            ever_welcomed: false,
+            attempts: 0,
+            retry_at: None,
+            ping_n: 0,
+            tmux: None,
+            ctl: None,
+            ctlbuf: Vec::new(),
+            chat_out: None,
+            tunnel,
+            forward_port: None,
+            brb: false,
+            viewers: 0,
+            note: String::new(),
+            rec: None,
+            rec_path: None,
+            popup_queue: VecDeque::new(),
+            popup_open: false,
+            end: None,
+            host,
+            ips,
+        })
+    }
+
+    /// Say something to the customer: a plain line in the foreground, the status row under tmux.
+    fn tell(&mut self, msg: &str) {
+        self.log.line(msg);
+        if self.foreground {
+            eprintln!("linbit-tunl: {msg}");
+        }
+    }
+
+    fn status_row(&mut self) {
+        let link = match self.state {
+            LinkState::Up => "connected",
+            LinkState::Connecting if self.ever_welcomed => "reconnecting",
+            LinkState::Connecting => "connecting",
+            LinkState::Down if self.ever_welcomed => "reconnecting",
+            LinkState::Down => "disconnected",
+        };
+        let row = format!(
+            "{} | relay: {} | viewers: {} | mode: {} | tunnel: {}{}",
+            self.cfg.session_id,
+            link,
+            self.viewers,
+            self.cfg.mode.as_str(),
+            self.tunnel.state().wire(),
+            if self.brb { " | BRB: support keystrokes paused" } else { "" }
+        );
+        self.chat_send("S1", row.as_bytes());
+    }
+
+    fn chat_send(&mut self, kind: &str, payload: &[u8]) {
+        if let Some(fd) = &self.chat_out {
+            let line = format!("{kind} {}\n", B64.encode(payload));
+            // A full fifo means the chat pane is not reading: drop rather than block the loop.
+            let _ = rustix::io::write(fd, line.as_bytes());
+        }
+    }
+
+    fn chat_show(&mut self, line: &str) {
+        if self.foreground {
+            eprintln!("linbit-tunl: {line}");
+        }
+        self.chat_send("M", line.as_bytes());
+    }
+
+    // ---- the relay link -------------------------------------------------------------------
+
+    fn connect(&mut self) {
+        let resume = self.ever_welcomed;
+        let size = self.tmux.as_ref().map(|t| t.size).unwrap_or((0, 0));
+        let hello = ssh::hello(&self.cfg, &self.host, &self.ips, size, resume);
+        if resume && matches!(self.auth, auth::AuthPath::Cert) && !auth::cert_still_valid(&self.dir.path, now_unix()) {
+            // The relay remembers a resumed session: the session ID is enough, never the token again.
+            let _ = std::fs::remove_file(self.dir.file("askpass.sh"));
+            if let Err(e) = auth::write_askpass(&self.dir.path, &self.cfg.session_id) {
+                self.log.line(&e);
+            }
+            self.auth = auth::AuthPath::KeyboardInteractive;
+            self.log.line("certificate expired: reconnecting with keyboard-interactive and the session ID");
+        }
+        let mut cmd = ssh::master_command(&self.cfg, &self.dir.path, self.auth, &hello);
+        let _ = std::fs::remove_file(self.dir.file("ssh-ctl.sock"));
+        self.sshlog.line(&format!("connect {}:{} resume={}", self.cfg.relay, self.cfg.relay_port, resume as u8));
+        match proc::spawn(&mut cmd, true) {
+            Ok(p) => {
+                let now = Instant::now();
+                self.link = Some(Link {
+                    p,
+                    outq: Vec::new(),
+                    out_off: 0,
+                    split: protocol::LineSplitter::new(),
+                    errbuf: Vec::new(),
+                    last_tx: now,
+                    last_rx: now,
+                    started: now,
+                    stdout_eof: false,
+                    stderr_eof: false,
+                });
+                self.state = LinkState::Connecting;
+                self.tell(if resume { "reconnecting to the relay" } else { "connecting to the relay" });
+            }
+            Err(e) => {
+                self.fatal(&format!("cannot start ssh: {e}"));
+            }
+        }
+        self.status_row();
+    }
+
+    fn send(&mut self, line: &str) {
+        if let Some(l) = &mut self.link {
+            if self.state == LinkState::Up {
+                l.outq.extend_from_slice(line.as_bytes());
+                l.last_tx = Instant::now();
+            }
+        }
+    }
+
+    fn send_raw(&mut self, data: &[u8]) {
+        if let Some(l) = &mut self.link {
+            if self.state == LinkState::Up {
+                l.outq.extend_from_slice(data);
+                l.last_tx = Instant::now();
+            }
+        }
+    }
+
+    /// The link is gone (ssh ended, silence, or a refused hello): decide between fatal and retry.
+    fn link_lost(&mut self, why: &str) {
+        let Some(mut l) = self.link.take() else { return };
+        let _ = l.p.child.kill();
+        let _ = l.p.child.wait();
+        // ssh's last words explain a failure better than we can.
+        l.errbuf.clear();
+        let was_up = self.state == LinkState::Up;
+        self.state = LinkState::Down;
+        self.forward_port = None;
+        if self.end.is_some() {
+            return;
+        }
+        self.sshlog.line(&format!("link lost: {why}"));
+        if !self.ever_welcomed {
+            let reason = last_ssh_error(&self.dir.file("ssh.log")).unwrap_or_else(|| why.to_string());
+            self.fatal(&format!("cannot connect to the relay {}:{}: {reason}", self.cfg.relay, self.cfg.relay_port));
+            return;
+        }
+        if was_up {
+            self.attempts = 0;
+        }
+        self.schedule_retry();
+        self.tell(&format!("link to the relay lost ({why}); reconnecting"));
+        self.status_row();
+    }
+
+    fn schedule_retry(&mut self) {
+        let base = Duration::from_secs(1) * 2u32.saturating_pow(self.attempts.min(5));
+        let base = base.min(BACKOFF_MAX);
+        // Jitter of up to a quarter, so many customers behind one outage do not return in step.
+        let jitter = base.mul_f64(random_fraction() * 0.25);
+        self.attempts += 1;
+        self.retry_at = Some(Instant::now() + base + jitter);
+    }
+
+    fn on_link_stdout(&mut self) {
+        let Some(l) = &mut self.link else { return };
+        let fd = l.p.stdout.as_ref().unwrap().as_fd();
+        let mut buf = Vec::new();
+        let eof = proc::read_available(fd, &mut buf);
+        l.split.push(&buf);
+        if !buf.is_empty() {
+            l.last_rx = Instant::now();
+        }
+        l.stdout_eof = eof;
+        loop {
+            let Some(l) = &mut self.link else { return };
+            let Some(item) = l.split.next_line() else { break };
+            match item {
+                Ok(line) => self.on_relay_line(&line),
+                Err(_) => self.sshlog.line("dropped ? reason=line-too-long"),
+            }
+            if self.end.is_some() {
+                return;
+            }
+        }
+        if eof {
+            self.link_lost("the relay closed the connection");
+        }
+    }
+
+    fn on_link_stderr(&mut self) {
+        let Some(l) = &mut self.link else { return };
+        let fd = l.p.stderr.as_ref().unwrap().as_fd();
+        let mut buf = std::mem::take(&mut l.errbuf);
+        let eof = proc::read_available(fd, &mut buf);
+        l.stderr_eof = eof;
+        let mut rest = &buf[..];
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let line = text::neutralize(&rest[..i], 2000);
+            self.sshlog.line(&format!("ssh: {line}"));
+            rest = &rest[i + 1..];
+        }
+        let keep = if eof && !rest.is_empty() {
+            let line = text::neutralize(rest, 2000);
+            self.sshlog.line(&format!("ssh: {line}"));
+            Vec::new()
+        } else {
+            rest.to_vec()
+        };
+        if let Some(l) = &mut self.link {
+            l.errbuf = keep;
+        }
+    }
+
+    fn on_relay_line(&mut self, line: &[u8]) {
+        let welcomed = self.state == LinkState::Up;
+        let msg = match protocol::parse_relay_line(line) {
+            Ok(m) => m,
+            Err(d) => {
+                self.sshlog.line(&protocol::log_dropped(&d));
+                return;
+            }
+        };
+        let verdict = protocol::verdict(&msg, self.cfg.mode, self.brb, welcomed);
+        self.sshlog.line(&protocol::log_line(&msg, &verdict));
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::Drop(_) => return,
+            Verdict::Reject(reason) => {
+                if let RelayMsg::Upgrade { req, .. } = &msg {
+                    let l = protocol::tunnel_rejected(req, reason);
+                    self.send(&l);
+                }
+                return;
+            }
+        }
+        match msg {
+            RelayMsg::Welcome { viewers } => self.on_welcome(viewers),
+            RelayMsg::Error { code, msg } => self.on_error(code, &msg),
+            RelayMsg::K(bytes) => self.keys_to_shell(&bytes),
+            RelayMsg::Chat { from, text: t } => {
+                let line =
+                    format!("support ({}): {}", text::neutralize(from.as_bytes(), 64), text::neutralize(&t, 4000));
+                self.chat_show(&line);
+            }
+            RelayMsg::Viewers(n) => {
+                self.viewers = n;
+                if self.foreground {
+                    eprintln!("linbit-tunl: support viewers: {n}");
+                }
+                self.status_row();
+            }
+            RelayMsg::Note(t) => {
+                self.note = text::neutralize(&t, 200);
+                let note = self.note.clone();
+                self.chat_send("S2", note.as_bytes());
+                if self.foreground && !note.is_empty() {
+                    eprintln!("linbit-tunl: note from support: {note}");
+                }
+            }
+            RelayMsg::Upgrade { req, from, keys } => self.on_upgrade(req, from, keys),
+            RelayMsg::Revoke => self.revoke(protocol::CloseReason::Relay),
+            RelayMsg::Refresh => self.request_snap(),
+            RelayMsg::Close { reason } => {
+                let r = text::neutralize(reason.as_bytes(), 200);
+                self.tell(&format!("support ended the session: {r}"));
+                self.begin_end(End::RelayClose);
+            }
+            RelayMsg::Ping(n) => {
+                let l = protocol::pong(n);
+                self.send(&l);
+            }
+            RelayMsg::Pong(_) => {}
+        }
+    }
+
+    fn on_welcome(&mut self, viewers: u32) {
+        self.state = LinkState::Up;
+        self.viewers = viewers;
+        self.attempts = 0;
+        let first = !self.ever_welcomed;
+        self.ever_welcomed = true;
+        self.tell(&format!("connected to the relay (support viewers: {viewers})"));
+        if first {
+            let _ = std::fs::write(self.dir.file("state"), "ready\n");
+        }
+        if let Some(t) = &self.tmux {
+            let (c, r) = t.size;
+            let l = protocol::size(c, r);
+            self.send(&l);
+        }
+        self.send_state();
+        self.request_snap();
+        // The forward died with the old master: a tunnel that was open, or --tunnel mode, opens again.
+        if self.cfg.mode == Mode::Tunnel || self.tunnel.state() == tunnel::State::Active {
+            self.open_forward();
+            if let (Some(port), Some(req)) = (self.forward_port, self.tunnel.active_request()) {
+                let l = protocol::tunnel_open(&req, port, &self.cfg.user);
+                self.send(&l);
+            }
+        }
+        self.status_row();
+    }
+
+    fn on_error(&mut self, code: protocol::ErrorCode, msg: &str) {
+        let text = text::neutralize(msg.as_bytes(), 300);
+        if code.retryable() {
+            self.tell(&format!("relay is busy ({}): {text}; retrying", code.as_str()));
+            if let Some(mut l) = self.link.take() {
+                let _ = l.p.child.kill();
+                let _ = l.p.child.wait();
+            }
+            self.state = LinkState::Down;
+            self.schedule_retry();
+            return;
+        }
+        self.fatal(&format!("the relay refused the session ({}): {text}", code.as_str()));
+    }
+
+    fn send_state(&mut self) {
+        let l = protocol::state(self.tunnel.state(), self.brb, self.cfg.mode);
+        self.send(&l);
+    }
+
+    // ---- the shared pane ------------------------------------------------------------------
+
+    fn tmux_cmd(&mut self, cmd: &str, pending: Pending) {
+        if let Some(t) = &mut self.tmux {
+            t.outq.extend_from_slice(cmd.as_bytes());
+            t.outq.push(b'\n');
+            t.pending.push_back(pending);
+        }
+    }
+
+    fn keys_to_shell(&mut self, bytes: &[u8]) {
+        let Some(t) = &self.tmux else {
+            self.sshlog.line("dropped K reason=no-shared-terminal");
+            return;
+        };
+        let Some(pane) = t.shell else { return };
+        for cmd in tmux::send_keys_commands(pane, bytes, &t.features) {
+            self.tmux_cmd(&cmd, Pending::Ignore);
+        }
+    }
+
+    fn request_snap(&mut self) {
+        if let Some(pane) = self.tmux.as_ref().and_then(|t| t.shell) {
+            self.tmux_cmd(&format!("capture-pane -p -e -t %{pane}"), Pending::Snap);
+        }
+    }
+
+    fn list_panes(&mut self) {
+        self.tmux_cmd(
+            "list-panes -s -F '#{pane_id} #{pane_width} #{pane_height} #{@linbit-role}'",
+            Pending::Panes,
+        );
+    }
+
+    fn on_tmux_stdout(&mut self) {
+        let Some(t) = &mut self.tmux else { return };
+        let fd = t.p.stdout.as_ref().unwrap().as_fd();
+        let mut buf = Vec::new();
+        let eof = proc::read_available(fd, &mut buf);
+        t.parser.push(&buf);
+        t.eof = eof;
+        loop {
+            let Some(t) = &mut self.tmux else { return };
+            let Some(ev) = t.parser.next_event() else { break };
+            self.on_tmux_event(ev);
+        }
+        if eof && self.end.is_none() {
+            self.log.line("tmux control client ended: the tmux server is gone");
+            self.begin_end(End::TmuxGone);
+        }
+    }
+
+    fn on_tmux_event(&mut self, ev: tmux::Event) {
+        match ev {
+            tmux::Event::Output { pane, data } => {
+                if Some(pane) == self.tmux.as_ref().and_then(|t| t.shell) {
+                    if let Some(r) = &mut self.rec {
+                        r.output(&data);
+                    }
+                    if self.state == LinkState::Up {
+                        if let Some(l) = &mut self.link {
+                            protocol::push_o(&mut l.outq, &data);
+                            l.last_tx = Instant::now();
+                        }
+                    }
+                }
+            }
+            tmux::Event::Block { ok, body } => {
+                let pending = self.tmux.as_mut().and_then(|t| t.pending.pop_front()).unwrap_or(Pending::Ignore);
+                if !ok {
+                    let b: Vec<String> = body.iter().map(|l| text::neutralize(l, 300)).collect();
+                    self.log.line(&format!("tmux refused a command ({pending:?}): {}", b.join(" / ")));
+                    return;
+                }
+                self.on_tmux_reply(pending, body);
+            }
+            tmux::Event::LayoutChange { .. } => self.list_panes(),
+            tmux::Event::Exit(_) => {
+                if self.end.is_none() {
+                    self.begin_end(End::TmuxGone);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_tmux_reply(&mut self, pending: Pending, body: Vec<Vec<u8>>) {
+        match pending {
+            Pending::Ignore => {}
+            Pending::Panes => {
+                let mut found = None;
+                for line in &body {
+                    let s = String::from_utf8_lossy(line);
+                    let f: Vec<&str> = s.split(' ').collect();
+                    if f.len() >= 4 && f[3] == "shell" {
+                        let id = f[0].trim_start_matches('%').parse::<u32>().ok();
+                        let w = f[1].parse::<u16>().ok();
+                        let h = f[2].parse::<u16>().ok();
+                        if let (Some(id), Some(w), Some(h)) = (id, w, h) {
+                            found = Some((id, w, h));
+                        }
+                    }
+                }
+                let Some((id, w, h)) = found else { return };
+                let Some(t) = &mut self.tmux else { return };
+                let first = t.shell.is_none();
+                let changed = t.size != (w, h);
+                t.shell = Some(id);
+                t.size = (w, h);
+                if first || changed {
+                    if let Some(r) = &mut self.rec {
+                        if !first {
+                            r.resize(w, h);
+                        }
+                    }
+                    let l = protocol::size(w, h);
+                    self.send(&l);
+                }
+                if first {
+                    self.start_recording(w, h);
+                }
+            }
+            Pending::Snap => {
+                let Some((c, r)) = self.tmux.as_ref().map(|t| t.size) else { return };
+                let mut screen = Vec::new();
+                for (i, line) in body.iter().enumerate() {
+                    if i > 0 {
+                        screen.extend_from_slice(b"\r\n");
+                    }
+                    screen.extend_from_slice(line);
+                }
+                let l = protocol::snap(c, r, &screen);
+                self.send(&l);
+            }
+            Pending::Clients(cmd_tail) => {
+                // The popup goes to the customer's own client, not to our control client.
+                let client = body
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(l).into_owned())
+                    .find(|l| l.ends_with(" 0"))
+                    .and_then(|l| l.split(' ').next().map(str::to_string));
+                match client {
+                    Some(c) => {
+                        let cmd = cmd_tail.replace("{CLIENT}", &tmux::quote(&c));
+                        self.tmux_cmd(&cmd, Pending::Ignore);
+                    }
+                    None => {
+                        self.log.line("no customer client attached to show the tunnel request");
+                        self.popup_open = false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_recording(&mut self, w: u16, h: u16) {
+        match recording::Recorder::create(self.cfg.recording_dir.as_deref(), &self.cfg.session_id, &self.host, w, h)
+        {
+            Ok((r, path)) => {
+                self.log.line(&format!("recording to {}", path.display()));
+                self.rec = Some(r);
+                self.rec_path = Some(path);
+            }
+            Err(e) => self.log.line(&format!("no recording: {e}")),
+        }
+    }
+
+    // ---- the tunnel -------------------------------------------------------------------------
+
+    fn on_upgrade(&mut self, req: String, from: String, keys: Vec<u8>) {
+        let from_shown = text::neutralize(from.as_bytes(), 64);
+        if self.brb {
+            let l = protocol::tunnel_rejected(&req, protocol::RejectReason::Brb);
+            self.send(&l);
+            return;
+        }
+        let keys = match authkeys::validate_keys(&keys) {
+            Ok(k) => k,
+            Err(e) => {
+                self.log.line(&format!("tunnel request {req} from {from_shown} refused: {e}"));
+                let l = protocol::tunnel_rejected(&req, protocol::RejectReason::InvalidKey);
+                self.send(&l);
+                return;
+            }
+        };
+        match self.tunnel.on_request() {
+            tunnel::RequestAction::Reject(reason) => {
+                let l = protocol::tunnel_rejected(&req, reason);
+                self.send(&l);
+            }
+            tunnel::RequestAction::Install => self.grant(&req, &from_shown, keys),
+            tunnel::RequestAction::Ask => {
+                self.popup_queue.push_back((req, from_shown, keys));
+                self.show_next_popup();
+            }
+        }
+    }
+
+    fn show_next_popup(&mut self) {
+        if self.popup_open {
+            return;
+        }
+        let Some((req, from, _)) = self.popup_queue.front().cloned() else { return };
+        let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
+        if self.foreground || self.tmux.is_none() {
+            return;
+        }
+        let features = self.tmux.as_ref().unwrap().features.clone();
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
+        let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, &req, &from, &target, &features);
+        self.popup_open = true;
+        self.chat_show(&format!("support ({from}) asks for an SSH tunnel to {target}: answer the popup"));
+        self.tmux_cmd("list-clients -F '#{client_name} #{client_control_mode}'", Pending::Clients(cmd));
+    }
+
+    fn on_answer(&mut self, req: &str, grant: bool) {
+        let pos = self.popup_queue.iter().position(|(r, _, _)| r == req);
+        let Some(pos) = pos else {
+            self.log.line("answer for an unknown tunnel request ignored");
+            return;
+        };
+        let (req, from, keys) = self.popup_queue.remove(pos).unwrap();
+        self.popup_open = false;
+        if grant && self.tunnel.state() != tunnel::State::Blocked {
+            self.grant(&req, &from, keys);
+        } else {
+            let reason =
+                if grant { protocol::RejectReason::Blocked } else { protocol::RejectReason::Denied };
+            self.chat_show(&format!("tunnel request from {from} denied"));
+            let l = protocol::tunnel_rejected(&req, reason);
+            self.send(&l);
+        }
+        self.show_next_popup();
+    }
+
+    fn grant(&mut self, req: &str, from: &str, keys: Vec<String>) {
+        let sid = self.cfg.session_id.clone();
+        let res = authkeys::edit(&self.cfg.authkeys_file, |old| {
+            let cleaned = authkeys::remove_blocks(old, Some(&sid));
+            authkeys::add_block(&cleaned, &sid, &keys)
+        });
+        if let Err(e) = res {
+            self.tell(&format!("cannot install support keys: {e}"));
+            let l = protocol::tunnel_rejected(req, protocol::RejectReason::Error);
+            self.send(&l);
+            return;
+        }
+        if self.forward_port.is_none() {
+            self.open_forward();
+        }
+        let Some(port) = self.forward_port else {
+            self.remove_keys();
+            let l = protocol::tunnel_rejected(req, protocol::RejectReason::Error);
+            self.send(&l);
+            return;
+        };
+        self.tunnel.on_open(req);
+        self.chat_show(&format!("tunnel granted to {from}: support can log in as {}", self.cfg.user));
+        let l = protocol::tunnel_open(req, port, &self.cfg.user);
+        self.send(&l);
+        self.send_state();
+        self.status_row();
+    }
+
+    fn open_forward(&mut self) {
+        let mut cmd = ssh::forward_command(&self.dir.path, &self.cfg.target_host, self.cfg.target_port);
+        match proc::run_with_timeout(&mut cmd, Duration::from_secs(10)) {
+            Ok(f) if f.status.map(|s| s.success()).unwrap_or(false) => {
+                self.forward_port = ssh::parse_forward_port(&f.stdout);
+                match self.forward_port {
+                    Some(p) => self.tell(&format!("reverse tunnel open on relay port {p}")),
+                    None => self.log.line("ssh -O forward printed no port"),
+                }
+            }
+            Ok(f) => self.log.line(&format!("ssh -O forward failed: {}", text::neutralize(&f.stderr, 500))),
+            Err(e) => self.log.line(&format!("cannot run ssh -O forward: {e}")),
+        }
+    }
+
+    fn close_forward(&mut self) {
+        if let Some(port) = self.forward_port.take() {
+            let mut cmd = ssh::cancel_command(&self.dir.path, port, &self.cfg.target_host, self.cfg.target_port);
+            if let Ok(f) = proc::run_with_timeout(&mut cmd, Duration::from_secs(5)) {
+                if !f.status.map(|s| s.success()).unwrap_or(false) {
+                    self.log.line(&format!("ssh -O cancel failed: {}", text::neutralize(&f.stderr, 500)));
+                }
+            }
+        }
+    }
+
+    fn remove_keys(&mut self) {
+        let sid = self.cfg.session_id.clone();
+        if let Err(e) = authkeys::edit(&self.cfg.authkeys_file, |old| authkeys::remove_blocks(old, Some(&sid))) {
+            self.tell(&format!("cannot remove support keys: {e}"));
+        }
+    }
+
+    fn revoke(&mut self, reason: protocol::CloseReason) {
+        let was_active = self.tunnel.state() == tunnel::State::Active;
+        self.tunnel.on_revoke();
+        self.remove_keys();
+        if self.cfg.mode != Mode::Tunnel {
+            self.close_forward();
+        }
+        if was_active {
+            self.chat_show("tunnel closed: support keys removed");
+            let l = protocol::tunnel_closed(reason);
+            self.send(&l);
+        }
+        self.send_state();
+        self.status_row();
+    }
+
+    // ---- control fifo ------------------------------------------------------------------------
+
+    fn on_ctl(&mut self) {
+        let Some(fd) = &self.ctl else { return };
+        let mut buf = std::mem::take(&mut self.ctlbuf);
+        proc::read_available(fd.as_fd(), &mut buf);
+        let mut start = 0;
+        while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[start..start + i]).into_owned();
+            start += i + 1;
+            self.on_ctl_line(&line);
+        }
+        buf.drain(..start);
+        if buf.len() > 65536 {
+            buf.clear();
+        }
+        self.ctlbuf = buf;
+    }
+
+    fn on_ctl_line(&mut self, line: &str) {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["quit"] => self.begin_end(End::Customer),
+            ["grant"] => {
+                self.tunnel.on_grant();
+                self.chat_show(match self.tunnel.state() {
+                    tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
+                    tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
+                    _ => "tunnel state unchanged",
+                });
+                self.send_state();
+                self.status_row();
+            }
+            ["revoke"] => self.revoke(protocol::CloseReason::Revoked),
+            ["block"] => {
+                if self.tunnel.state() == tunnel::State::Active {
+                    self.revoke(protocol::CloseReason::Revoked);
+                }
+                self.tunnel.on_block();
+                let queued: Vec<String> = self.popup_queue.drain(..).map(|(r, _, _)| r).collect();
+                for r in queued {
+                    let l = protocol::tunnel_rejected(&r, protocol::RejectReason::Blocked);
+                    self.send(&l);
+                }
+                self.popup_open = false;
+                self.chat_show("tunnel requests blocked (Ctrl-b u to unblock)");
+                self.send_state();
+                self.status_row();
+            }
+            ["brb"] => {
+                if self.tunnel.state() == tunnel::State::Active {
+                    self.chat_show("BRB is not available while a tunnel is active: revoke it first (Ctrl-b U)");
+                } else if !self.brb {
+                    self.brb = true;
+                    self.chat_show("BRB: support keystrokes are paused; /back to resume");
+                    self.send_state();
+                    self.status_row();
+                }
+            }
+            ["back"] => {
+                if self.brb {
+                    self.brb = false;
+                    self.chat_show("back: support can type again");
+                    self.send_state();
+                    self.status_row();
+                }
+            }
+            ["chat", b64] => match B64.decode(b64) {
+                Ok(t) if !t.is_empty() && t.len() <= 4096 => {
+                    let l = protocol::chat(&t);
+                    self.send(&l);
+                }
+                _ => self.log.line("ctl: bad chat line dropped"),
+            },
+            ["answer", req, "grant"] => self.on_answer(req, true),
+            ["answer", req, "deny"] => self.on_answer(req, false),
+            ["respawn"] => {
+                if let Some(p) = self.tmux.as_ref().and_then(|t| t.shell) {
+                    self.tmux_cmd(&format!("respawn-pane -k -t %{p}"), Pending::Ignore);
+                }
+            }
+            _ => self.log.line(&format!("ctl: unknown line dropped: {}", text::neutralize(line.as_bytes(), 80))),
+        }
+    }
+
+    // ---- ending -------------------------------------------------------------------------------
+
+    fn fatal(&mut self, msg: &str) {
+        self.tell(msg);
+        if !self.ever_welcomed {
+            let _ = std::fs::write(self.dir.file("state"), format!("failed {msg}\n"));
+        }
+        self.begin_end(End::Fatal);
+    }
+
+    fn begin_end(&mut self, end: End) {
+        if self.end.is_none() {
+            self.end = Some(end);
+        }
+    }
+
+    /// The orderly end: keys out first (the one thing that must never be left behind), then BYE.
+    fn shutdown(&mut self) -> End {
+        let end = self.end.unwrap_or(End::Fatal);
+        signals::arm_watchdog(WATCHDOG_SECS);
+        self.log.line(&format!("ending: {end:?}"));
+        if self.tunnel.state() == tunnel::State::Active {
+            let l = protocol::tunnel_closed(protocol::CloseReason::Ended);
+            self.send(&l);
+        }
+        self.remove_keys();
+        let bye = match end {
+            End::RelayClose => Some(protocol::ByeReason::RelayClose),
+            End::Signal(_) | End::TmuxGone => Some(protocol::ByeReason::Signal),
+            End::Customer => Some(protocol::ByeReason::Customer),
+            End::Fatal => None,
+        };
+        if let (Some(b), LinkState::Up) = (bye, &self.state) {
+            let l = protocol::bye(b);
+            self.send(&l);
+        }
+        self.flush_link(Duration::from_secs(2));
+        self.close_forward();
+        if let Some(mut l) = self.link.take() {
+            drop(l.p.stdin.take());
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = l.p.child.try_wait() {
+                    break;
+                }
+                let _ = rustix::event::poll(&mut [], Some(&ts(Duration::from_millis(20))));
+            }
+            let _ = l.p.child.kill();
+            let _ = l.p.child.wait();
+        }
+        if let Some(r) = self.rec.take() {
+            r.finish();
+        }
+        let rec = self.rec_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let _ = std::fs::write(self.dir.file("exit"), format!("{}\n{}\n", end.status(), rec));
+        if let Some(mut t) = self.tmux.take() {
+            drop(t.p.stdin.take());
+            let _ = t.p.child.kill();
+            let _ = t.p.child.wait();
+        }
+        end
+    }
+
+    fn flush_link(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while let Some(l) = &mut self.link {
+            if l.out_off >= l.outq.len() || Instant::now() >= deadline {
+                break;
+            }
+            let Some(stdin) = &l.p.stdin else { break };
+            if proc::write_some(stdin.as_fd(), &l.outq, &mut l.out_off).is_err() {
+                break;
+            }
+            if l.out_off < l.outq.len() {
+                let fd = stdin.as_fd();
+                let mut pfd = [PollFd::new(&fd, PollFlags::OUT)];
+                let _ = rustix::event::poll(&mut pfd, Some(&ts(Duration::from_millis(50))));
+            }
+        }
+    }
+
+    pub fn recording_path(&self) -> Option<PathBuf> {
+        self.rec_path.clone()
+    }
+
+    // ---- the loop -------------------------------------------------------------------------------
+
+    /// Attach the tmux control client (share modes).
+    pub fn attach_tmux(&mut self, features: tmux::Features) -> Result<(), String> {
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S").arg(self.dir.file("tmux.sock")).args(["-C", "attach-session", "-t", "tunl"]);
+        let p = proc::spawn(&mut cmd, false).map_err(|e| format!("cannot start the tmux control client: {e}"))?;
+        let mut t = TmuxSide {
+            p,
+            parser: tmux::ControlParser::new(),
+            outq: Vec::new(),
+            out_off: 0,
+            pending: VecDeque::new(),
+            shell: None,
+            size: (80, 24),
+            features,
+            eof: false,
+        };
+        // The first block answers the attach itself.
+        t.pending.push_back(Pending::Ignore);
+        self.tmux = Some(t);
+        self.list_panes();
+        Ok(())
+    }
+
+    pub fn open_fifos(&mut self) -> Result<(), String> {
+        use rustix::fs::{Mode as FMode, OFlags};
+        // O_RDWR on a fifo never blocks and never sees EOF: the daemon is its own writer.
+        let flags = OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let ctl = rustix::fs::open(self.dir.file("ctl.fifo"), flags, FMode::empty())
+            .map_err(|e| format!("cannot open ctl.fifo: {e}"))?;
+        let chat = rustix::fs::open(self.dir.file("chat.fifo"), flags, FMode::empty())
+            .map_err(|e| format!("cannot open chat.fifo: {e}"))?;
+        self.ctl = Some(ctl);
+        self.chat_out = Some(chat);
+        Ok(())
+    }
+
+    /// Run until the session ends; returns how, and whether the relay ever welcomed us.
+    pub fn run_to_end(&mut self) -> (End, bool) {
+        self.connect();
+        self.status_row();
+        while self.end.is_none() {
+            self.step();
+        }
+        (self.shutdown(), self.ever_welcomed)
+    }
+
+    pub fn into_dir(self) -> SessionDir {
+        self.dir
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(r) = self.retry_at {
+            at(r);
+        }
+        if let Some(l) = &self.link {
+            match self.state {
+                LinkState::Up => {
+                    at(l.last_tx + PING_AFTER);
+                    at(l.last_rx + SILENCE_LIMIT);
+                }
+                LinkState::Connecting => at(l.started + WELCOME_TIMEOUT),
+                LinkState::Down => {}
+            }
+        }
+        next.map(|n| n.saturating_duration_since(now))
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if let Some(r) = self.retry_at {
+            if now >= r {
+                self.retry_at = None;
+                self.connect();
+            }
+        }
+        let Some(l) = &self.link else { return };
+        match self.state {
+            LinkState::Up if now >= l.last_rx + SILENCE_LIMIT => self.link_lost("no answer from the relay for 45 s"),
+            LinkState::Up if now >= l.last_tx + PING_AFTER => {
+                self.ping_n += 1;
+                let p = protocol::ping(self.ping_n);
+                self.send(&p);
+            }
+            LinkState::Connecting if now >= l.started + WELCOME_TIMEOUT => {
+                self.link_lost("the relay did not answer the hello")
+            }
+            _ => {}
+        }
+    }
+
+    fn step(&mut self) {
+        // Write what we can before sleeping: most of the time the pipes take everything at once.
+        self.pump_writes();
+        let timeout = self.next_timeout();
+        let sigfd = self.sig.fd();
+        let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(&sigfd, PollFlags::IN)];
+        let mut roles: Vec<Role> = vec![Role::Signal];
+        let backlog = self.link.as_ref().map(|l| l.outq.len() - l.out_off).unwrap_or(0);
+        let (lo, le, li, to, ti, cf): (
+            Option<BorrowedFd<'_>>,
+            Option<BorrowedFd<'_>>,
+            Option<BorrowedFd<'_>>,
+            Option<BorrowedFd<'_>>,
+            Option<BorrowedFd<'_>>,
+            Option<BorrowedFd<'_>>,
+        ) = (
+            self.link.as_ref().filter(|l| !l.stdout_eof).and_then(|l| l.p.stdout.as_ref()).map(|f| f.as_fd()),
+            self.link.as_ref().filter(|l| !l.stderr_eof).and_then(|l| l.p.stderr.as_ref()).map(|f| f.as_fd()),
+            self.link.as_ref().filter(|l| l.out_off < l.outq.len()).and_then(|l| l.p.stdin.as_ref()).map(|f| f.as_fd()),
+            self.tmux.as_ref().filter(|t| !t.eof && backlog < OUTQ_HIGH).and_then(|t| t.p.stdout.as_ref()).map(|f| f.as_fd()),
+            self.tmux.as_ref().filter(|t| t.out_off < t.outq.len()).and_then(|t| t.p.stdin.as_ref()).map(|f| f.as_fd()),
+            self.ctl.as_ref().map(|f| f.as_fd()),
+        );
+        let cands = [(&lo, Role::LinkOut, PollFlags::IN), (&le, Role::LinkErr, PollFlags::IN), (&li, Role::LinkIn, PollFlags::OUT), (&to, Role::TmuxOut, PollFlags::IN), (&ti, Role::TmuxIn, PollFlags::OUT), (&cf, Role::Ctl, PollFlags::IN)];
+        for (fd, role, flags) in cands.iter() {
+            if let Some(fd) = fd {
+                fds.push(PollFd::new(*fd, *flags));
+                roles.push(*role);
+            }
+        }
+        let t = timeout.map(ts);
+        match rustix::event::poll(&mut fds, t.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                self.log.line(&format!("poll failed: {e}"));
+            }
+        }
+        let ready: Vec<Role> =
+            fds.iter().zip(roles.iter()).filter(|(f, _)| !f.revents().is_empty()).map(|(_, r)| *r).collect();
+        drop(fds);
+        for role in ready {
+            match role {
+                Role::Signal => self.on_signals(),
+                Role::LinkOut => self.on_link_stdout(),
+                Role::LinkErr => self.on_link_stderr(),
+                Role::LinkIn | Role::TmuxIn => {}
+                Role::TmuxOut => self.on_tmux_stdout(),
+                Role::Ctl => self.on_ctl(),
+            }
+            if self.end.is_some() {
+                return;
+            }
+        }
+        self.on_timers();
+    }
+
+    fn pump_writes(&mut self) {
+        let mut broken = false;
+        if let Some(l) = &mut self.link {
+            if l.out_off < l.outq.len() {
+                if let Some(stdin) = &l.p.stdin {
+                    broken = proc::write_some(stdin.as_fd(), &l.outq, &mut l.out_off).is_err();
+                }
+            }
+            if l.out_off == l.outq.len() {
+                l.outq.clear();
+                l.out_off = 0;
+            } else if l.out_off > (1 << 20) {
+                l.outq.drain(..l.out_off);
+                l.out_off = 0;
+            }
+        }
+        if broken {
+            self.link_lost("ssh stopped reading");
+        }
+        if let Some(t) = &mut self.tmux {
+            if t.out_off < t.outq.len() {
+                if let Some(stdin) = &t.p.stdin {
+                    let _ = proc::write_some(stdin.as_fd(), &t.outq, &mut t.out_off);
+                }
+            }
+            if t.out_off == t.outq.len() {
+                t.outq.clear();
+                t.out_off = 0;
+            }
+        }
+    }
+
+    fn on_signals(&mut self) {
+        for s in self.sig.drain() {
+            match s {
+                s if s == signals::SIGINT || s == signals::SIGTERM => self.begin_end(End::Signal(s)),
+                s if s == signals::SIGHUP => self.begin_end(End::TmuxGone),
+                s if s == signals::SIGCHLD => self.reap(),
+                _ => {}
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        let exited = self.link.as_mut().map(|l| matches!(l.p.child.try_wait(), Ok(Some(_)))).unwrap_or(false);
+        if exited {
+            // Read what is left first: an ERROR line may be waiting in the pipe.
+            self.on_link_stderr();
+            self.on_link_stdout();
+            if self.link.is_some() {
+                self.link_lost("ssh ended");
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Signal,
+    LinkOut,
+    LinkErr,
+    LinkIn,
+    TmuxOut,
+    TmuxIn,
+    Ctl,
+}
+
+fn ts(d: Duration) -> rustix::event::Timespec {
+    rustix::event::Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 }
+}
+
+pub fn now_unix() -> u64 {
+    crate::sessiondir::now().0
+}
+
+/// A fraction in [0, 1) for back-off jitter; not security relevant.
+fn random_fraction() -> f64 {
+    let mut b = [0u8; 4];
+    let _ = rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut b);
+    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
+}
+
+/// The most telling line ssh logged, for a customer-facing failure message.
+fn last_ssh_error(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let keys = [
+        "Permission denied",
+        "Host key verification failed",
+        "certificate",
+        "Connection refused",
+        "Could not resolve",
+        "timed out",
+        "No route",
+        "Connection closed",
+    ];
+    text.lines()
+        .filter(|l| l.contains(" ssh: "))
+        .filter(|l| keys.iter().any(|k| l.contains(k)))
+        .last()
+        .map(|l| l.split_once(" ssh: ").map(|x| x.1).unwrap_or(l).to_string())
+}

@@ -1,0 +1,132 @@
+//! The built binary against bad input: one clear line, exit status 1, nothing created.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_linbit-tunl");
+
+fn session_path(id: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(id.as_bytes());
+    let h: String = d.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    PathBuf::from(format!("/tmp/linbit-tunl-{h}"))
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap()).env("USER", "root").env("HOME", "/root");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// Exit 1, exactly one line on stderr naming `needle`, nothing on stdout, no session directory.
+fn refused(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    let ids: Vec<&str> = args.iter().copied().filter(|a| !a.starts_with('-')).collect();
+    let out = run(args, env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err:?}");
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+    assert!(out.stdout.is_empty());
+    for id in ids {
+        assert!(!session_path(id).exists(), "{args:?} created {}", session_path(id).display());
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused_without_side_effects() {
+    refused(&["Swift-fox-jumps-barrel"], &[], "invalid session ID");
+    refused(&["swift-fox-jumps"], &[], "invalid session ID");
+    refused(&["swift-fox-jumps-barrel-now"], &[], "invalid session ID");
+    refused(&["swift-fox-jumps-b4rrel"], &[], "invalid session ID");
+    refused(&[], &[], "missing SESSION_ID");
+    refused(&["cli-test-one-a", "cli-test-one-b"], &[], "extra argument");
+    refused(&["--token", "12345", "cli-test-two-a"], &[], "six digits");
+    refused(&["--token", "1234567", "cli-test-two-a"], &[], "six digits");
+    refused(&["--token", "12a456", "cli-test-two-a"], &[], "six digits");
+    refused(&["--target", "localhost", "cli-test-three-a"], &[], "--target");
+    refused(&["--target", "localhost:0", "cli-test-three-a"], &[], "--target");
+    refused(&["--target", "localhost:70000", "cli-test-three-a"], &[], "--target");
+    refused(&["--target", "::1:22", "cli-test-three-a"], &[], "--target");
+    refused(&["--user", "no body", "cli-test-four-a"], &[], "--user");
+    refused(&["--user", "-rf", "cli-test-four-a"], &[], "--user");
+    refused(&["--case", "a\x1b[2Jb", "cli-test-five-a"], &[], "control characters");
+    refused(&["--case", &"x".repeat(201), "cli-test-five-a"], &[], "--case");
+    refused(&["--restricted", "--tunnel", "cli-test-six-a"], &[], "contradict");
+    refused(&["--frobnicate", "cli-test-six-a"], &[], "unknown option");
+    refused(&["-x", "cli-test-six-a"], &[], "unknown option");
+    refused(&["--case"], &[], "--case needs a value");
+}
+
+#[test]
+fn bad_environment_is_refused_without_side_effects() {
+    let id = "cli-test-env-a";
+    refused(&[id], &[("TUNL_RELAY_PORT", "0")], "TUNL_RELAY_PORT");
+    refused(&[id], &[("TUNL_RELAY_PORT", "22x")], "TUNL_RELAY_PORT");
+    refused(&[id], &[("TUNL_TARGET_PORT", "65536")], "TUNL_TARGET_PORT");
+    refused(&[id], &[("TUNL_COMPRESS", "yes")], "TUNL_COMPRESS");
+    refused(&[id], &[("TUNL_API", "http://tunl.linbit.com")], "TUNL_API");
+    refused(&[id], &[("TUNL_API", "tunl.linbit.com")], "TUNL_API");
+    refused(&[id], &[("TUNL_RELAY_CA_PUBKEY", "ssh-ed25519 notbase64")], "TUNL_RELAY_CA_PUBKEY");
+    refused(&[id], &[("USER", ""), ("LOGNAME", "")], "--user");
+}
+
+#[test]
+fn tmux_missing_is_refused_unless_tunnel_mode() {
+    let out = Command::new(BIN)
+        .arg("cli-test-notmux-a")
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .env("USER", "root")
+        .env("HOME", "/root")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("tmux"), "{err}");
+    assert!(err.contains("--tunnel"), "the message points at the mode that works: {err}");
+    assert!(!session_path("cli-test-notmux-a").exists());
+}
+
+#[test]
+fn help_and_version() {
+    for flag in ["--help", "-h"] {
+        let out = run(&[flag], &[]);
+        assert_eq!(out.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in [
+            "--case CASE",
+            "--token TOKEN",
+            "--user USER",
+            "--restricted",
+            "--tunnel",
+            "--attach",
+            "--debug",
+            "--target HOST:PORT",
+            "SESSION_ID",
+            "TUNL_RELAY ",
+            "TUNL_RELAY_PORT",
+            "TUNL_USER",
+            "TUNL_API",
+            "TUNL_AUTHKEYS_FILE",
+            "TUNL_TARGET_HOST",
+            "TUNL_TARGET_PORT",
+            "TUNL_RELAY_CA_PUBKEY",
+            "TUNL_COMPRESS",
+            "TUNL_PREFIX",
+            "tunl.linbit.com",
+        ] {
+            assert!(text.contains(word), "--help lacks {word}");
+        }
+    }
+    for flag in ["--version", "-V"] {
+        let out = run(&[flag], &[]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("linbit-tunl {}", env!("CARGO_PKG_VERSION")));
+    }
+    // Help wins wherever it stands, even after the ID.
+    assert_eq!(run(&["cli-test-help-a", "--help"], &[]).status.code(), Some(0));
+}

@@ -1,0 +1,292 @@
+//! The link to the relay, end to end: the real binary in `--tunnel` mode without tmux, the real
+//! ssh client, the test relay's real sshd and HTTPS signing endpoint.
+
+mod common;
+
+use common::*;
+use tunl_relay::{SignMode, line_field};
+
+const TOKEN: &str = "424242";
+
+fn relay() -> Relay {
+    Relay::start(RelayOpts::default()).expect("test relay")
+}
+
+/// Start a session with a token (certificate path) and complete the hello.
+fn connected(relay: &Relay, id: &str, scratch: &Scratch, extra: &[&str]) -> (Foreground, Conn) {
+    relay.register(id, Some(TOKEN));
+    let mut args = vec!["--tunnel", "--token", TOKEN];
+    args.extend_from_slice(extra);
+    let fg = Foreground::start(relay, id, &args, &[], scratch);
+    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.stderr_text()));
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some(), "no STATE after WELCOME: {:?}", conn.lines());
+    (fg, conn)
+}
+
+#[test]
+fn certificate_path_sends_the_exact_hello_and_runs() {
+    let relay = relay();
+    let scratch = Scratch::new("cert");
+    let id = unique_id("cert");
+    let (mut fg, mut conn) = connected(&relay, &id, &scratch, &["--case", "CASE 4711/ü", "--user", "root"]);
+    let hello = conn.hello_raw().to_string();
+    assert!(hello.starts_with("linbit-tunl/1 "), "{hello}");
+    assert_eq!(conn.hello_field("id"), Some(id.as_str()));
+    assert_eq!(conn.hello_field("mode"), Some("tunnel"));
+    assert_eq!(conn.hello_field("user"), Some("root"));
+    assert_eq!(conn.hello_field("case"), Some("CASE%204711%2F%C3%BC"));
+    assert_eq!(conn.hello_field("client"), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(conn.hello_field("size"), Some("0x0"));
+    assert_eq!(conn.hello_field("resume"), Some("0"));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(conn.hello_field("host"), Some(host.trim().split('.').next().unwrap()));
+    let ips = conn.hello_field("ips").expect("ips field");
+    assert!(ips.split(',').all(|ip| !ip.starts_with("127.") && ip != "::1"), "{ips}");
+    // Every field of the contract is there, in the contract's order.
+    let keys: Vec<&str> = hello.split(' ').skip(1).map(|f| f.split('=').next().unwrap()).collect();
+    assert_eq!(keys, ["id", "mode", "host", "user", "ips", "case", "client", "size", "resume"]);
+    // Exactly one signing request, with our token and a real public key.
+    let reqs = relay.sign_requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].token, TOKEN);
+    assert!(reqs[0].public_key.starts_with("ssh-ed25519 "));
+    // The session runs: a PING is answered.
+    conn.send("PING 7");
+    assert!(conn.wait_for(secs(10), |l| l == "PONG 7").is_some(), "{:?}", conn.lines());
+    let st = conn.lines().into_iter().find(|l| l.starts_with("STATE")).unwrap();
+    assert_eq!(line_field(&st, "mode"), Some("tunnel"));
+    // SIGTERM ends it orderly: BYE, status 143, nothing left.
+    fg.signal("TERM");
+    assert!(conn.wait_verb(secs(10), "BYE").is_some(), "{:?}", conn.lines());
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.stderr_text());
+    assert!(!session_dir(&id).exists(), "session directory left behind");
+    assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
+}
+
+#[test]
+fn sigint_gives_130() {
+    let relay = relay();
+    let scratch = Scratch::new("int");
+    let id = unique_id("sigint");
+    let (mut fg, mut conn) = connected(&relay, &id, &scratch, &[]);
+    fg.signal("INT");
+    assert!(conn.wait_for(secs(10), |l| l == "BYE reason=signal").is_some(), "{:?}", conn.lines());
+    assert_eq!(fg.wait(secs(15)), Some(130), "{}", fg.stderr_text());
+}
+
+#[test]
+fn relay_close_ends_with_zero() {
+    let relay = relay();
+    let scratch = Scratch::new("close");
+    let id = unique_id("close");
+    let (mut fg, mut conn) = connected(&relay, &id, &scratch, &[]);
+    conn.send(&tunl_relay::close_line("case solved"));
+    assert!(conn.wait_for(secs(10), |l| l == "BYE reason=relay-close").is_some(), "{:?}", conn.lines());
+    assert_eq!(fg.wait(secs(15)), Some(0), "{}", fg.stderr_text());
+    assert!(fg.stderr_text().contains("case solved"));
+}
+
+#[test]
+fn keyboard_interactive_with_the_session_id_and_with_the_token() {
+    if !tunl_relay::ki_supported() {
+        eprintln!("skipped: keyboard-interactive needs root and a writable /etc/pam.d");
+        return;
+    }
+    let relay = Relay::start(RelayOpts { ki: true, api_down: true, ..Default::default() }).unwrap();
+    let scratch = Scratch::new("ki");
+    // No token: the session ID answers the prompt.
+    let id = unique_id("kisid");
+    relay.register(&id, None);
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel"], &[], &scratch);
+    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session: {}", fg.stderr_text()));
+    assert_eq!(conn.hello_field("id"), Some(id.as_str()));
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some());
+    assert!(!std::fs::read_to_string(session_dir(&id).join("askpass.sh")).unwrap().is_empty());
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+
+    // A token and an unreachable API: the token answers the prompt.
+    let id2 = unique_id("kitok");
+    relay.register(&id2, Some("135790"));
+    let mut fg2 = Foreground::start(&relay, &id2, &["--tunnel", "--token", "135790"], &[], &scratch);
+    let mut conn2 = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session: {}", fg2.stderr_text()));
+    conn2.welcome(0);
+    assert!(conn2.wait_verb(secs(10), "STATE").is_some());
+    assert!(fg2.stderr_text().contains("unreachable"), "{}", fg2.stderr_text());
+    // The secret is in the askpass helper only: never on a command line.
+    let token_on_cmdline = processes_mentioning("135790");
+    assert!(token_on_cmdline.iter().all(|p| p.contains("tunl-e2e") || p.contains("cargo")), "{token_on_cmdline:?}");
+    fg2.signal("TERM");
+    assert_eq!(fg2.wait(secs(15)), Some(143));
+}
+
+#[test]
+fn wrong_keyboard_interactive_answer_is_refused() {
+    if !tunl_relay::ki_supported() {
+        eprintln!("skipped: keyboard-interactive needs root and a writable /etc/pam.d");
+        return;
+    }
+    let relay = Relay::start(RelayOpts { ki: true, api_down: true, ..Default::default() }).unwrap();
+    let scratch = Scratch::new("kibad");
+    let id = unique_id("kibad");
+    // Not registered: the relay refuses the session ID.
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel"], &[], &scratch);
+    assert_eq!(fg.wait(secs(40)), Some(1), "{}", fg.stderr_text());
+    let err = fg.stderr_text();
+    assert!(err.contains("cannot connect to the relay"), "{err}");
+    assert!(relay.accept(secs(1)).is_none());
+}
+
+#[test]
+fn api_rejection_is_fatal_without_retry_storm() {
+    let relay = relay();
+    let scratch = Scratch::new("403");
+    let id = unique_id("forbid");
+    relay.register(&id, Some(TOKEN));
+    relay.set_sign_mode(SignMode::Status(403));
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel", "--token", TOKEN], &[], &scratch);
+    assert_eq!(fg.wait(secs(30)), Some(1), "{}", fg.stderr_text());
+    let err = fg.stderr_text();
+    assert!(err.contains("certificate signing failed"), "{err}");
+    assert!(!err.contains(TOKEN), "the token must never be shown: {err}");
+    assert_eq!(relay.sign_requests().len(), 1, "no retries on 403");
+    assert!(relay.accept(secs(1)).is_none(), "nothing may reach the relay");
+}
+
+#[test]
+fn forged_certificates_are_refused_before_connecting() {
+    let relay = relay();
+    let scratch = Scratch::new("forged");
+    for (mode, needle) in [
+        (SignMode::OtherCa, "CA"),
+        (SignMode::OtherKey, "key"),
+        (SignMode::Expired, "valid"),
+        (SignMode::WrongPrincipal, "principal"),
+        (SignMode::GarbageCert, "certificate"),
+    ] {
+        let id = unique_id("forged");
+        relay.register(&id, Some(TOKEN));
+        relay.set_sign_mode(mode);
+        let mut fg = Foreground::start(&relay, &id, &["--tunnel", "--token", TOKEN], &[], &scratch);
+        assert_eq!(fg.wait(secs(30)), Some(1), "{mode:?}: {}", fg.stderr_text());
+        let err = fg.stderr_text();
+        assert!(err.contains(needle), "{mode:?}: {err}");
+        assert!(relay.accept(secs(1)).is_none(), "{mode:?}: nothing may reach the relay");
+    }
+}
+
+#[test]
+fn relay_host_certificate_from_another_ca_is_refused() {
+    let relay = Relay::start(RelayOpts { host_cert_other_ca: true, ..Default::default() }).unwrap();
+    let scratch = Scratch::new("hostca");
+    let id = unique_id("hostca");
+    relay.register(&id, Some(TOKEN));
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel", "--token", TOKEN], &[], &scratch);
+    assert_eq!(fg.wait(secs(40)), Some(1), "{}", fg.stderr_text());
+    let err = fg.stderr_text();
+    assert!(err.contains("Host key verification failed"), "{err}");
+    assert!(relay.accept(secs(1)).is_none());
+}
+
+#[test]
+fn relay_error_is_shown_and_fatal() {
+    let relay = relay();
+    let scratch = Scratch::new("err");
+    let id = unique_id("error");
+    relay.register(&id, Some(TOKEN));
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel", "--token", TOKEN], &[], &scratch);
+    let mut conn = relay.accept(secs(30)).expect("session");
+    conn.error("unknown-session", "no such session: ask support for a new ID");
+    assert_eq!(fg.wait(secs(20)), Some(1), "{}", fg.stderr_text());
+    let err = fg.stderr_text();
+    assert!(err.contains("unknown-session"), "{err}");
+    assert!(err.contains("no such session: ask support for a new ID"), "{err}");
+    assert!(relay.accept(secs(2)).is_none(), "no retry after a fatal ERROR");
+}
+
+#[test]
+fn dropped_link_reconnects_with_resume_and_no_token() {
+    let relay = relay();
+    let scratch = Scratch::new("drop");
+    let id = unique_id("resume");
+    let (mut fg, conn) = connected(&relay, &id, &scratch, &[]);
+    conn.drop_link();
+    // Back-off starts at 1 s (plus jitter): well within 15 s.
+    let mut again = relay.accept(secs(15)).unwrap_or_else(|| panic!("no reconnect: {}", fg.stderr_text()));
+    assert_eq!(again.hello_field("resume"), Some("1"));
+    assert_eq!(again.hello_field("id"), Some(id.as_str()));
+    assert_eq!(relay.sign_requests().len(), 1, "the token is never used again");
+    again.welcome(2);
+    assert!(again.wait_verb(secs(10), "STATE").is_some());
+    assert!(fg.wait_stderr(secs(5), "reconnecting"), "{}", fg.stderr_text());
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+}
+
+#[test]
+fn hostile_relay_lines_are_dropped_and_logged() {
+    let relay = relay();
+    let scratch = Scratch::new("hostile");
+    let id = unique_id("hostile");
+    let (mut fg, mut conn) = connected(&relay, &id, &scratch, &["--debug"]);
+    let secret_keys = "c2VjcmV0LWtleXN0cm9rZXM="; // base64("secret-keystrokes")
+    conn.send_raw(b"\x1b]52;c;aGk=\x07garbage\n");
+    conn.send("FROBNICATE now");
+    conn.send(&format!("K {}", "A".repeat(300 * 1024)));
+    conn.send("K not*base64");
+    conn.send("VIEWERS -1");
+    conn.send(&format!("K {secret_keys}"));
+    conn.send("CHAT from=x%1B%5B2J bad");
+    conn.send("PING 99");
+    assert!(conn.wait_for(secs(10), |l| l == "PONG 99").is_some(), "the session goes on: {:?}", conn.lines());
+    let log = fg.ssh_log();
+    assert!(log.contains("dropped FROBNICATE"), "{log}");
+    assert!(log.matches("dropped").count() >= 6, "{log}");
+    assert!(!log.contains(secret_keys), "K payload in the log");
+    assert!(!log.contains("secret-keystrokes"));
+    assert!(!log.contains(&"A".repeat(100)), "a huge line was logged");
+    assert!(!log.contains('\x1b'), "raw escape in the log");
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+    assert!(session_dir(&id).exists(), "--debug keeps the directory");
+    let _ = std::fs::remove_dir_all(session_dir(&id));
+}
+
+#[test]
+fn idle_session_does_not_busy_wait() {
+    let relay = relay();
+    let scratch = Scratch::new("idle");
+    let id = unique_id("idle");
+    let (mut fg, mut conn) = connected(&relay, &id, &scratch, &[]);
+    let pid = fg.child.id();
+    let ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let switches = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines().find(|l| l.starts_with("voluntary_ctxt_switches")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (t0, s0) = (ticks(pid), switches(pid));
+    // 60 s of an idle session: the client's only traffic is its heartbeat.
+    let end = secs(60);
+    let mut pings = 0;
+    while std::time::Instant::now() < end {
+        if let Some(l) = conn.recv_line(end) {
+            if l.starts_with("PING ") {
+                pings += 1;
+            }
+        }
+    }
+    let (t1, s1) = (ticks(pid), switches(pid));
+    // Clock ticks are 10 ms: a busy loop would burn thousands; timers and pings need a handful.
+    assert!(t1 - t0 <= 10, "{} ticks of CPU in 60 s idle", t1 - t0);
+    assert!(s1 - s0 <= 60, "{} wake-ups in 60 s idle", s1 - s0);
+    assert!((3..=5).contains(&pings), "heartbeat every 15 s of silence: {pings} pings");
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+}
