@@ -1,6 +1,12 @@
 //! linbit-tunl: open a shared terminal session so LINBIT support can assist on this system.
 
 mod cli;
+#[allow(dead_code)]
+mod protocol;
+#[allow(dead_code)]
+mod text;
+#[allow(dead_code)]
+mod tunnel;
 
 use std::process::ExitCode;
 
