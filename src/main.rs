@@ -1,5 +1,7 @@
 //! linbit-tunl: open a shared terminal session so LINBIT support can assist on this system.
 
+#[allow(dead_code)]
+mod authkeys;
 mod cli;
 #[allow(dead_code)]
 mod protocol;
