@@ -45,6 +45,10 @@ fn check_key(line: &str) -> Result<String, String> {
     if comment.len() > MAX_COMMENT || !comment.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err("bad comment".into());
     }
+    if ty.contains("ecdsa") {
+        // ssh-key is built without its `ecdsa` feature (no extra dependencies): check the wire structure.
+        return check_ecdsa(ty, blob, comment);
+    }
     let key = ssh_key::PublicKey::from_openssh(&format!("{ty} {blob}")).map_err(|e| format!("unparsable key: {e}"))?;
     if key.algorithm().as_str() != ty {
         return Err("key type mismatch".into());
@@ -59,7 +63,6 @@ fn check_key(line: &str) -> Result<String, String> {
             }
         }
         ssh_key::public::KeyData::Ed25519(_) | ssh_key::public::KeyData::SkEd25519(_) => {}
-        ssh_key::public::KeyData::Other(_) if ty.contains("ecdsa") => {}
         _ => return Err("unsupported key algorithm".into()),
     }
     let mut out = key.to_openssh().map_err(|e| format!("cannot encode key: {e}"))?;
@@ -68,6 +71,51 @@ fn check_key(line: &str) -> Result<String, String> {
         out.push_str(comment);
     }
     Ok(out)
+}
+
+/// One SSH wire `string` from the front of `rest`.
+fn take<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let len = rest.get(..4).ok_or("truncated key")?;
+    let len = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+    let v = rest.get(4..4usize.saturating_add(len)).ok_or("truncated key")?;
+    *rest = &rest[4 + len..];
+    Ok(v)
+}
+
+/// Structural check of an ECDSA / sk-ECDSA key blob: `string type, string curve, string Q
+/// [, string application]`, Q an uncompressed point of the curve's size, nothing left over.
+fn check_ecdsa(ty: &str, blob: &str, comment: &str) -> Result<String, String> {
+    use base64::Engine;
+    let data = base64::engine::general_purpose::STANDARD.decode(blob).map_err(|_| "bad base64")?;
+    let mut rest = &data[..];
+    if take(&mut rest)? != ty.as_bytes() {
+        return Err("key type mismatch".into());
+    }
+    let curve = take(&mut rest)?;
+    let (name, point_len) = match ty {
+        "ecdsa-sha2-nistp256" | "sk-ecdsa-sha2-nistp256@openssh.com" => ("nistp256", 65),
+        "ecdsa-sha2-nistp384" => ("nistp384", 97),
+        "ecdsa-sha2-nistp521" => ("nistp521", 133),
+        _ => return Err("unsupported key algorithm".into()),
+    };
+    if curve != name.as_bytes() {
+        return Err("curve mismatch".into());
+    }
+    let q = take(&mut rest)?;
+    if q.len() != point_len || q[0] != 4 {
+        return Err("bad ECDSA point".into());
+    }
+    if ty.starts_with("sk-") {
+        let app = take(&mut rest)?;
+        if app.is_empty() || !app.iter().all(|b| b.is_ascii_graphic()) {
+            return Err("bad security key application".into());
+        }
+    }
+    if !rest.is_empty() {
+        return Err("trailing data in key".into());
+    }
+    let enc = base64::engine::general_purpose::STANDARD.encode(&data);
+    Ok(if comment.is_empty() { format!("{ty} {enc}") } else { format!("{ty} {enc} {comment}") })
 }
 
 /// Validate the key lines of an UPGRADE payload; returns the normalised lines.
@@ -301,6 +349,24 @@ mod tests {
         }
         assert!(validate_keys(b"\xff\xfe").is_err());
         assert_eq!(validate_keys(vec![ED; 16].join("\n").as_bytes()).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn validate_real_key_types() {
+        let good = [
+            "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBNVPIbl4iZdnE9qi8oygIaxAxzIohZJJi3R4Vby3Mk2HstZ0+zONiCa9GYTCgRQpfV8MJwXMN1pUGdzkpHEqDlM= c ecdsa256",
+            "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQAAABhBJtJh6qPQhnicnKOhauySNWcYykGI1sPPWNbKu4JJrVndTWXP+a7Bm2EzVDSmKX9/H5FHiDiPJjRvn8VAv6zDl54e781plT5uQkN7mTCJSCvpQPHRDGSfvD99352fK6vKw== c ecdsa384",
+            "ecdsa-sha2-nistp521 AAAAE2VjZHNhLXNoYTItbmlzdHA1MjEAAAAIbmlzdHA1MjEAAACFBAGhqgriCB0X7KQTExB3WhlTnbR0ckXDm2FNSzAr6lLOHDP2XT1Wi4dwHtuofQWqzfpL76wn4Vj1os4olnkgAZ2ZgQAjWKExoteX15043kwd2uGu6WjdVhaKGgPy4+hMFjZrniwUOHYNkKIzNajfu12R4PDOg9ODK+pXnt2nnoOGWFkMAQ== c ecdsa521",
+            "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC2/A5oQUHQRUiAtPH/kmkhW27GMTpTGmGLVH32wmIB8G6CRIw3+zrFkBAC0qf1FCIUWOVhkZerwZdEN3SBGax9tgPN9i4axFB01lTf6DmVo6a3hIAtGTSDn1sG0eo5bNuKM97nlnFbNieFlUa0832TFKQkv7oREHmIQghROeWBkUr21UIAp1zD7DLfFg9srVA8xeW8AzGSnzGX3ZgsFdWWj5pIR8OhNPxWreeTWNt0RwvvXo0pxkDOI0B2x2zJV7Y3hDhOfofXefkF9IlMTQ00i7HF0a+hQMj4TTd+y/HD2lbOZ85nbr4tUin3Hpy++zvqnH9aNh6upB8HpCYB/C2x c rsa2048",
+        ];
+        for g in good {
+            assert_eq!(validate_keys(g.as_bytes()), Ok(vec![g.to_string()]), "{g}");
+        }
+        let short_rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQD+WnshPSVKECQ1XvdCkkaqSIulytRdihp0SZmJ4BnwKlBIDYbG5oXTWELc4bDu6166x0eoFTR2ArGDjN7ZqQbXEbCPne+2GfzXHYK3Smz0Rfv0+T+vE8Ez1HqUP1+J9Mjn9SN/SaLbMJDbhq3mSsNi3hYpzYwePOIXxduTLxouhw== c rsa1024";
+        assert!(validate_keys(short_rsa.as_bytes()).unwrap_err().contains("too short"));
+        // An ECDSA blob under another curve's name is refused.
+        let swapped = good[0].replacen("nistp256", "nistp384", 1);
+        assert!(validate_keys(swapped.as_bytes()).is_err());
     }
 
     #[test]
