@@ -1,0 +1,435 @@
+//! The tunnel state machine (pure): what the customer's keys, the relay's UPGRADE/REVOKE and BRB do to
+//! the reverse-tunnel state, expressed as explicit effects that the daemon carries out.
+//!
+//! Decisions (to be recorded in docs/architecture.md):
+//! - `u` (grant): Confirm -> Allowed (pre-grant); Blocked -> Confirm (unblock: requests ask again);
+//!   Allowed/Active: no change; Off: refused.
+//! - `U` and relay `REVOKE`: Active -> Confirm (cancel forward, remove keys, `TUNNEL_CLOSED revoked`);
+//!   Allowed -> Confirm (clears the pre-grant; with `--tunnel` the pre-opened forward is cancelled too).
+//! - `X` (block): from Confirm/Allowed/Active -> Blocked; an active tunnel is revoked first, a pending
+//!   popup is answered `TUNNEL_REJECTED blocked`. Off: refused.
+//! - UPGRADE: Off -> reject `restricted`; Blocked -> `blocked`; BRB on -> `brb` (nobody is there to
+//!   decide, and a tunnel would defeat BRB); another popup pending -> `error`; Confirm -> popup;
+//!   Allowed -> install without popup; Active -> install without popup if the tunnel was pre-granted
+//!   (`u` or `--tunnel`), else popup.
+//! - BRB is refused while Active. `--tunnel` starts Allowed (pre-granted) with the forward opened at
+//!   connect; `TUNNEL_OPEN` is sent per request once its keys are installed.
+//! - All requests of a session share the one authorized_keys block; the daemon rewrites the block with
+//!   the union of installed keys.
+
+use crate::cli::Mode;
+use crate::protocol::{CloseReason, RejectReason};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Confirm,
+    Allowed,
+    Blocked,
+    Active,
+    Off,
+}
+
+impl State {
+    /// The name used in `STATE tunnel=...`.
+    pub fn wire(self) -> &'static str {
+        match self {
+            State::Confirm => "confirm",
+            State::Allowed => "allowed",
+            State::Blocked => "blocked",
+            State::Active => "active",
+            State::Off => "off",
+        }
+    }
+}
+
+/// Something the daemon must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Show the Grant/Deny popup for this request (answer with `Tunnel::answer`).
+    Popup { req: String, from: String },
+    /// Validate the keys, install them (block rewrite), make sure the forward is open, then call
+    /// `Tunnel::opened` (sends `TUNNEL_OPEN`) or `Tunnel::failed`.
+    Install { req: String, keys: Vec<u8> },
+    /// Send `TUNNEL_REJECTED req=ID reason=R`.
+    Reject { req: String, reason: RejectReason },
+    /// `ssh -O forward -R ...` (only with `--tunnel`, at connect).
+    OpenForward,
+    /// `ssh -O cancel ...`.
+    CancelForward,
+    /// Remove our authorized_keys block.
+    RemoveKeys,
+    /// Send `TUNNEL_CLOSED reason=R`.
+    Closed(CloseReason),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pending {
+    req: String,
+    keys: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    state: State,
+    /// Entered Allowed through `u` or `--tunnel`: requests are installed without asking.
+    pregrant: bool,
+    brb: bool,
+    forward_open: bool,
+    pending: Option<Pending>,
+    /// Requests whose keys are installed and announced with `TUNNEL_OPEN`.
+    open_reqs: Vec<String>,
+}
+
+impl Tunnel {
+    pub fn new(mode: Mode) -> Tunnel {
+        let state = match mode {
+            Mode::Share => State::Confirm,
+            Mode::Restricted => State::Off,
+            Mode::Tunnel => State::Allowed,
+        };
+        Tunnel {
+            state,
+            pregrant: mode == Mode::Tunnel,
+            brb: false,
+            forward_open: false,
+            pending: None,
+            open_reqs: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+    pub fn brb(&self) -> bool {
+        self.brb
+    }
+    pub fn forward_open(&self) -> bool {
+        self.forward_open
+    }
+    /// Requests with installed keys (to re-announce with `TUNNEL_OPEN` after a reconnect).
+    pub fn open_reqs(&self) -> &[String] {
+        &self.open_reqs
+    }
+
+    /// At connect: with `--tunnel` the forward is opened up front.
+    pub fn connect(&mut self) -> Vec<Effect> {
+        if self.state == State::Allowed && self.pregrant && !self.forward_open {
+            vec![Effect::OpenForward]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The daemon opened the forward (for `OpenForward` or as part of `Install`).
+    pub fn forward_opened(&mut self) {
+        self.forward_open = true;
+    }
+
+    /// An accepted `UPGRADE` (after `protocol::allowed`).
+    pub fn upgrade(&mut self, req: &str, from: &str, keys: Vec<u8>) -> Vec<Effect> {
+        let reject = |reason| vec![Effect::Reject { req: req.to_string(), reason }];
+        match self.state {
+            State::Off => return reject(RejectReason::Restricted),
+            State::Blocked => return reject(RejectReason::Blocked),
+            _ if self.brb => return reject(RejectReason::Brb),
+            _ => {}
+        }
+        let ask = match self.state {
+            State::Confirm => true,
+            State::Allowed => false,
+            State::Active => !self.pregrant,
+            State::Off | State::Blocked => unreachable!(),
+        };
+        if ask {
+            if self.pending.is_some() {
+                return reject(RejectReason::Error);
+            }
+            self.pending = Some(Pending { req: req.to_string(), keys });
+            vec![Effect::Popup { req: req.to_string(), from: from.to_string() }]
+        } else {
+            vec![Effect::Install { req: req.to_string(), keys }]
+        }
+    }
+
+    /// The customer answered the popup for `req`. A stale answer (no such pending request) does nothing.
+    pub fn answer(&mut self, req: &str, grant: bool) -> Vec<Effect> {
+        match &self.pending {
+            Some(p) if p.req == req => {}
+            _ => return Vec::new(),
+        }
+        let p = self.pending.take().expect("checked");
+        if !grant {
+            return vec![Effect::Reject { req: p.req, reason: RejectReason::Denied }];
+        }
+        match self.state {
+            State::Blocked => vec![Effect::Reject { req: p.req, reason: RejectReason::Blocked }],
+            State::Off => vec![Effect::Reject { req: p.req, reason: RejectReason::Restricted }],
+            _ if self.brb => vec![Effect::Reject { req: p.req, reason: RejectReason::Brb }],
+            _ => vec![Effect::Install { req: p.req, keys: p.keys }],
+        }
+    }
+
+    /// Keys installed and the forward is up: the daemon now sends `TUNNEL_OPEN`.
+    pub fn opened(&mut self, req: &str) {
+        self.forward_open = true;
+        if !self.open_reqs.iter().any(|r| r == req) {
+            self.open_reqs.push(req.to_string());
+        }
+        self.state = State::Active;
+    }
+
+    /// Installing failed: the daemon undoes what it did and sends this rejection.
+    pub fn failed(&mut self, req: &str, reason: RejectReason) -> Vec<Effect> {
+        vec![Effect::Reject { req: req.to_string(), reason }]
+    }
+
+    /// Ctrl-b u: pre-grant or unblock.
+    pub fn grant(&mut self) -> Result<Vec<Effect>, &'static str> {
+        match self.state {
+            State::Off => Err("restricted mode: no tunnel"),
+            State::Confirm => {
+                self.state = State::Allowed;
+                self.pregrant = true;
+                Ok(Vec::new())
+            }
+            State::Blocked => {
+                self.state = State::Confirm;
+                Ok(Vec::new())
+            }
+            State::Allowed | State::Active => Ok(Vec::new()),
+        }
+    }
+
+    fn close_all(&mut self, fx: &mut Vec<Effect>) {
+        let was_active = self.state == State::Active;
+        if self.forward_open {
+            fx.push(Effect::CancelForward);
+            self.forward_open = false;
+        }
+        if was_active || !self.open_reqs.is_empty() {
+            fx.push(Effect::RemoveKeys);
+            fx.push(Effect::Closed(CloseReason::Revoked));
+        }
+        self.open_reqs.clear();
+        self.pregrant = false;
+    }
+
+    /// Ctrl-b U or relay REVOKE: back to confirm.
+    pub fn revoke(&mut self) -> Result<Vec<Effect>, &'static str> {
+        let mut fx = Vec::new();
+        match self.state {
+            State::Off => return Err("restricted mode: no tunnel"),
+            State::Active | State::Allowed => {
+                self.close_all(&mut fx);
+                self.state = State::Confirm;
+            }
+            State::Confirm | State::Blocked => {}
+        }
+        Ok(fx)
+    }
+
+    /// Ctrl-b X: block all requests (revoking an active tunnel first).
+    pub fn block(&mut self) -> Result<Vec<Effect>, &'static str> {
+        if self.state == State::Off {
+            return Err("restricted mode: no tunnel");
+        }
+        let mut fx = Vec::new();
+        self.close_all(&mut fx);
+        if let Some(p) = self.pending.take() {
+            fx.push(Effect::Reject { req: p.req, reason: RejectReason::Blocked });
+        }
+        self.state = State::Blocked;
+        Ok(fx)
+    }
+
+    /// `/brb` and `/back`. BRB is refused while a tunnel is active.
+    pub fn set_brb(&mut self, on: bool) -> Result<(), &'static str> {
+        if on && self.state == State::Active {
+            return Err("BRB is not available while a tunnel is active -- revoke the tunnel first (Ctrl-b U)");
+        }
+        self.brb = on;
+        Ok(())
+    }
+
+    /// The ssh master is gone (link lost): the forward died with it. Keys stay installed; after the new
+    /// WELCOME the daemon re-opens the forward and re-sends `TUNNEL_OPEN` for `open_reqs()`.
+    pub fn link_lost(&mut self) {
+        self.forward_open = false;
+    }
+
+    /// After a (re)connect's WELCOME: what to re-open.
+    pub fn resume(&mut self) -> Vec<Effect> {
+        if self.state == State::Active || (self.state == State::Allowed && self.pregrant) {
+            vec![Effect::OpenForward]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RejectReason as R;
+
+    fn rej(req: &str, reason: RejectReason) -> Vec<Effect> {
+        vec![Effect::Reject { req: req.into(), reason }]
+    }
+    fn inst(req: &str) -> Vec<Effect> {
+        vec![Effect::Install { req: req.into(), keys: b"k".to_vec() }]
+    }
+
+    #[test]
+    fn initial_states_and_wire_names() {
+        assert_eq!(Tunnel::new(Mode::Share).state(), State::Confirm);
+        assert_eq!(Tunnel::new(Mode::Restricted).state(), State::Off);
+        let mut t = Tunnel::new(Mode::Tunnel);
+        assert_eq!(t.state(), State::Allowed);
+        assert_eq!(t.connect(), vec![Effect::OpenForward]);
+        t.forward_opened();
+        assert!(t.connect().is_empty());
+        assert!(Tunnel::new(Mode::Share).connect().is_empty());
+        let names: Vec<_> =
+            [State::Confirm, State::Allowed, State::Blocked, State::Active, State::Off].map(State::wire).into();
+        assert_eq!(names, ["confirm", "allowed", "blocked", "active", "off"]);
+    }
+
+    #[test]
+    fn confirm_popup_grant_and_deny() {
+        let mut t = Tunnel::new(Mode::Share);
+        assert_eq!(t.upgrade("1", "eng", b"k".to_vec()), vec![Effect::Popup { req: "1".into(), from: "eng".into() }]);
+        assert_eq!(t.upgrade("2", "eng", b"k".to_vec()), rej("2", R::Error));
+        assert!(t.answer("2", true).is_empty()); // stale
+        assert_eq!(t.answer("1", false), rej("1", R::Denied));
+        assert!(t.answer("1", true).is_empty()); // already answered
+        assert_eq!(t.state(), State::Confirm);
+        t.upgrade("3", "eng", b"k".to_vec());
+        assert_eq!(t.answer("3", true), inst("3"));
+        t.opened("3");
+        assert_eq!(t.state(), State::Active);
+        assert!(t.forward_open());
+        // Not pre-granted: a further request while active asks again.
+        assert!(matches!(t.upgrade("4", "e", b"k".to_vec())[..], [Effect::Popup { .. }]));
+    }
+
+    #[test]
+    fn pregrant_and_unblock() {
+        let mut t = Tunnel::new(Mode::Share);
+        assert_eq!(t.grant(), Ok(vec![]));
+        assert_eq!(t.state(), State::Allowed);
+        assert_eq!(t.upgrade("1", "e", b"k".to_vec()), inst("1"));
+        t.opened("1");
+        assert_eq!(t.state(), State::Active);
+        assert_eq!(t.upgrade("2", "e", b"k".to_vec()), inst("2"));
+        assert_eq!(t.grant(), Ok(vec![]));
+        assert_eq!(t.state(), State::Active);
+        let mut t = Tunnel::new(Mode::Share);
+        t.block().unwrap();
+        assert_eq!(t.upgrade("1", "e", b"k".to_vec()), rej("1", R::Blocked));
+        t.grant().unwrap();
+        assert_eq!(t.state(), State::Confirm);
+        t.grant().unwrap();
+        assert_eq!(t.state(), State::Allowed);
+    }
+
+    #[test]
+    fn revoke_transitions() {
+        let mut t = Tunnel::new(Mode::Share);
+        assert_eq!(t.revoke(), Ok(vec![]));
+        t.grant().unwrap();
+        assert_eq!(t.revoke(), Ok(vec![]));
+        assert_eq!(t.state(), State::Confirm);
+        t.grant().unwrap();
+        t.upgrade("1", "e", b"k".to_vec());
+        t.opened("1");
+        assert_eq!(
+            t.revoke(),
+            Ok(vec![Effect::CancelForward, Effect::RemoveKeys, Effect::Closed(CloseReason::Revoked)])
+        );
+        assert_eq!(t.state(), State::Confirm);
+        assert!(!t.forward_open() && t.open_reqs().is_empty());
+        // Pre-grant cleared: next request asks.
+        assert!(matches!(t.upgrade("2", "e", b"k".to_vec())[..], [Effect::Popup { .. }]));
+        let mut b = Tunnel::new(Mode::Share);
+        b.block().unwrap();
+        assert_eq!(b.revoke(), Ok(vec![]));
+        assert_eq!(b.state(), State::Blocked);
+    }
+
+    #[test]
+    fn tunnel_mode_revoke_cancels_preopened_forward() {
+        let mut t = Tunnel::new(Mode::Tunnel);
+        t.connect();
+        t.forward_opened();
+        assert_eq!(t.revoke(), Ok(vec![Effect::CancelForward]));
+        assert_eq!(t.state(), State::Confirm);
+        assert!(t.resume().is_empty());
+    }
+
+    #[test]
+    fn block_transitions() {
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "e", b"k".to_vec());
+        assert_eq!(t.block(), Ok(rej("1", R::Blocked)));
+        assert!(t.answer("1", true).is_empty());
+        let mut t = Tunnel::new(Mode::Share);
+        t.grant().unwrap();
+        t.upgrade("1", "e", b"k".to_vec());
+        t.opened("1");
+        assert_eq!(
+            t.block(),
+            Ok(vec![Effect::CancelForward, Effect::RemoveKeys, Effect::Closed(CloseReason::Revoked)])
+        );
+        assert_eq!(t.state(), State::Blocked);
+        assert_eq!(t.block(), Ok(vec![]));
+    }
+
+    #[test]
+    fn answer_after_state_change() {
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "e", b"k".to_vec());
+        t.set_brb(true).unwrap();
+        assert_eq!(t.answer("1", true), rej("1", R::Brb));
+    }
+
+    #[test]
+    fn restricted_refuses_everything() {
+        let mut t = Tunnel::new(Mode::Restricted);
+        assert_eq!(t.upgrade("1", "e", b"k".to_vec()), rej("1", R::Restricted));
+        assert!(t.grant().is_err());
+        assert!(t.revoke().is_err());
+        assert!(t.block().is_err());
+        assert_eq!(t.state(), State::Off);
+        assert_eq!(t.set_brb(true), Ok(()));
+    }
+
+    #[test]
+    fn brb_rules() {
+        let mut t = Tunnel::new(Mode::Share);
+        t.set_brb(true).unwrap();
+        assert_eq!(t.upgrade("1", "e", b"k".to_vec()), rej("1", R::Brb));
+        t.grant().unwrap();
+        assert_eq!(t.upgrade("2", "e", b"k".to_vec()), rej("2", R::Brb));
+        t.set_brb(false).unwrap();
+        assert_eq!(t.upgrade("3", "e", b"k".to_vec()), inst("3"));
+        t.opened("3");
+        assert!(t.set_brb(true).is_err());
+        assert!(!t.brb());
+        assert_eq!(t.set_brb(false), Ok(()));
+    }
+
+    #[test]
+    fn reconnect_reopens_active() {
+        let mut t = Tunnel::new(Mode::Share);
+        t.grant().unwrap();
+        t.upgrade("1", "e", b"k".to_vec());
+        t.opened("1");
+        t.opened("1");
+        t.link_lost();
+        assert!(!t.forward_open());
+        assert_eq!(t.resume(), vec![Effect::OpenForward]);
+        assert_eq!(t.open_reqs(), ["1".to_string()]);
+        assert_eq!(t.state(), State::Active);
+        assert_eq!(t.failed("9", R::InvalidKey), rej("9", R::InvalidKey));
+    }
+}
