@@ -115,13 +115,14 @@ pub struct Daemon {
     chat_out: Option<OwnedFd>,
     tunnel: Tunnel,
     forward_port: Option<u16>,
-    brb: bool,
     viewers: u32,
     note: String,
     rec: Option<recording::Recorder>,
     rec_path: Option<PathBuf>,
-    popup_queue: VecDeque<(String, String, Vec<String>)>,
-    popup_open: bool,
+    /// Who asked for which tunnel request, for the customer's messages.
+    requesters: Vec<(String, String)>,
+    /// The support keys in our authorized_keys block (all granted requests of this session).
+    installed: Vec<String>,
     end: Option<End>,
     host: String,
     ips: Vec<String>,
@@ -154,13 +155,12 @@ impl Daemon {
             chat_out: None,
             tunnel,
             forward_port: None,
-            brb: false,
             viewers: 0,
             note: String::new(),
             rec: None,
             rec_path: None,
-            popup_queue: VecDeque::new(),
-            popup_open: false,
+            requesters: Vec::new(),
+            installed: Vec::new(),
             end: None,
             host,
             ips,
@@ -190,7 +190,7 @@ impl Daemon {
             self.viewers,
             self.cfg.mode.as_str(),
             self.tunnel.state().wire(),
-            if self.brb { " | BRB: support keystrokes paused" } else { "" }
+            if self.tunnel.brb() { " | BRB: support keystrokes paused" } else { "" }
         );
         self.chat_send("S1", row.as_bytes());
     }
@@ -253,22 +253,15 @@ impl Daemon {
         self.status_row();
     }
 
-    fn send(&mut self, line: &str) {
-        if let Some(l) = &mut self.link {
-            if self.state == LinkState::Up {
-                l.outq.extend_from_slice(line.as_bytes());
-                l.last_tx = Instant::now();
-            }
+    /// The queue towards the relay, when the link is up (nothing is queued for a link that is down:
+    /// the SNAP after the next WELCOME resynchronises support).
+    fn out(&mut self) -> Option<&mut Vec<u8>> {
+        if self.state != LinkState::Up {
+            return None;
         }
-    }
-
-    fn send_raw(&mut self, data: &[u8]) {
-        if let Some(l) = &mut self.link {
-            if self.state == LinkState::Up {
-                l.outq.extend_from_slice(data);
-                l.last_tx = Instant::now();
-            }
-        }
+        let l = self.link.as_mut()?;
+        l.last_tx = Instant::now();
+        Some(&mut l.outq)
     }
 
     /// The link is gone (ssh ended, silence, or a refused hello): decide between fatal and retry.
@@ -281,6 +274,7 @@ impl Daemon {
         let was_up = self.state == LinkState::Up;
         self.state = LinkState::Down;
         self.forward_port = None;
+        self.tunnel.link_lost();
         if self.end.is_some() {
             return;
         }
@@ -319,10 +313,14 @@ impl Daemon {
         l.stdout_eof = eof;
         loop {
             let Some(l) = &mut self.link else { return };
-            let Some(item) = l.split.next_line() else { break };
+            let item = match l.split.next_line() {
+                None => break,
+                Some(Ok(line)) => Ok(line.to_vec()),
+                Some(Err(e)) => Err(e),
+            };
             match item {
                 Ok(line) => self.on_relay_line(&line),
-                Err(_) => self.sshlog.line("dropped ? reason=line-too-long"),
+                Err(_) => self.sshlog.line("dropped ? reason=line too long"),
             }
             if self.end.is_some() {
                 return;
@@ -359,22 +357,26 @@ impl Daemon {
 
     fn on_relay_line(&mut self, line: &[u8]) {
         let welcomed = self.state == LinkState::Up;
-        let msg = match protocol::parse_relay_line(line) {
+        let parsed = protocol::parse_relay_line(line);
+        let msg = match parsed {
             Ok(m) => m,
-            Err(d) => {
-                self.sshlog.line(&protocol::log_dropped(&d));
+            Err(_) => {
+                self.sshlog.line(&protocol::log_line(&parsed, None));
                 return;
             }
         };
-        let verdict = protocol::verdict(&msg, self.cfg.mode, self.brb, welcomed);
-        self.sshlog.line(&protocol::log_line(&msg, &verdict));
+        let verdict = protocol::allowed(&msg, self.cfg.mode, self.tunnel.brb(), welcomed);
+        let msg_ok = Ok(msg);
+        self.sshlog.line(&protocol::log_line(&msg_ok, if verdict == Verdict::Accept { None } else { Some(verdict) }));
+        let Ok(msg) = msg_ok else { return };
         match verdict {
             Verdict::Accept => {}
             Verdict::Drop(_) => return,
             Verdict::Reject(reason) => {
                 if let RelayMsg::Upgrade { req, .. } = &msg {
-                    let l = protocol::tunnel_rejected(req, reason);
-                    self.send(&l);
+                    if let Some(o) = self.out() {
+                        protocol::push_tunnel_rejected(o, req, reason);
+                    }
                 }
                 return;
             }
@@ -404,7 +406,11 @@ impl Daemon {
                 }
             }
             RelayMsg::Upgrade { req, from, keys } => self.on_upgrade(req, from, keys),
-            RelayMsg::Revoke => self.revoke(protocol::CloseReason::Relay),
+            RelayMsg::Revoke => {
+                let fx = self.tunnel.revoke().unwrap_or_default();
+                self.apply(fx, protocol::CloseReason::Relay);
+                self.send_state();
+            }
             RelayMsg::Refresh => self.request_snap(),
             RelayMsg::Close { reason } => {
                 let r = text::neutralize(reason.as_bytes(), 200);
@@ -412,8 +418,9 @@ impl Daemon {
                 self.begin_end(End::RelayClose);
             }
             RelayMsg::Ping(n) => {
-                let l = protocol::pong(n);
-                self.send(&l);
+                if let Some(o) = self.out() {
+                    protocol::push_pong(o, n);
+                }
             }
             RelayMsg::Pong(_) => {}
         }
@@ -429,19 +436,25 @@ impl Daemon {
         if first {
             let _ = std::fs::write(self.dir.file("state"), "ready\n");
         }
-        if let Some(t) = &self.tmux {
-            let (c, r) = t.size;
-            let l = protocol::size(c, r);
-            self.send(&l);
+        if let Some((c, r)) = self.tmux.as_ref().map(|t| t.size) {
+            if let Some(o) = self.out() {
+                protocol::push_size(o, c, r);
+            }
         }
         self.send_state();
         self.request_snap();
         // The forward died with the old master: a tunnel that was open, or --tunnel mode, opens again.
-        if self.cfg.mode == Mode::Tunnel || self.tunnel.state() == tunnel::State::Active {
-            self.open_forward();
-            if let (Some(port), Some(req)) = (self.forward_port, self.tunnel.active_request()) {
-                let l = protocol::tunnel_open(&req, port, &self.cfg.user);
-                self.send(&l);
+        let fx = if first { self.tunnel.connect() } else { self.tunnel.resume() };
+        self.apply(fx, protocol::CloseReason::Ended);
+        if !first {
+            if let Some(port) = self.forward_port {
+                let reqs = self.tunnel.open_reqs().to_vec();
+                let user = self.cfg.user.clone();
+                for req in reqs {
+                    if let Some(o) = self.out() {
+                        protocol::push_tunnel_open(o, &req, port, &user);
+                    }
+                }
             }
         }
         self.status_row();
@@ -463,8 +476,10 @@ impl Daemon {
     }
 
     fn send_state(&mut self) {
-        let l = protocol::state(self.tunnel.state(), self.brb, self.cfg.mode);
-        self.send(&l);
+        let (t, brb, mode) = (self.tunnel.state(), self.tunnel.brb(), self.cfg.mode);
+        if let Some(o) = self.out() {
+            protocol::push_state(o, t, brb, mode);
+        }
     }
 
     // ---- the shared pane ------------------------------------------------------------------
@@ -526,11 +541,8 @@ impl Daemon {
                     if let Some(r) = &mut self.rec {
                         r.output(&data);
                     }
-                    if self.state == LinkState::Up {
-                        if let Some(l) = &mut self.link {
-                            protocol::push_o(&mut l.outq, &data);
-                            l.last_tx = Instant::now();
-                        }
+                    if let Some(o) = self.out() {
+                        protocol::push_o(o, &data);
                     }
                 }
             }
@@ -582,8 +594,9 @@ impl Daemon {
                             r.resize(w, h);
                         }
                     }
-                    let l = protocol::size(w, h);
-                    self.send(&l);
+                    if let Some(o) = self.out() {
+                        protocol::push_size(o, w, h);
+                    }
                 }
                 if first {
                     self.start_recording(w, h);
@@ -598,8 +611,13 @@ impl Daemon {
                     }
                     screen.extend_from_slice(line);
                 }
-                let l = protocol::snap(c, r, &screen);
-                self.send(&l);
+                if let Some(o) = self.out() {
+                    if protocol::push_snap(o, c, r, &screen).is_err() {
+                        // An attribute-heavy screen over the line limit: plain text still resynchronises.
+                        let plain: Vec<u8> = strip_escapes(&screen);
+                        let _ = protocol::push_snap(o, c, r, &plain);
+                    }
+                }
             }
             Pending::Clients(cmd_tail) => {
                 // The popup goes to the customer's own client, not to our control client.
@@ -613,10 +631,7 @@ impl Daemon {
                         let cmd = cmd_tail.replace("{CLIENT}", &tmux::quote(&c));
                         self.tmux_cmd(&cmd, Pending::Ignore);
                     }
-                    None => {
-                        self.log.line("no customer client attached to show the tunnel request");
-                        self.popup_open = false;
-                    }
+                    None => self.log.line("no customer client attached to show the tunnel request"),
                 }
             }
         }
@@ -638,95 +653,113 @@ impl Daemon {
 
     fn on_upgrade(&mut self, req: String, from: String, keys: Vec<u8>) {
         let from_shown = text::neutralize(from.as_bytes(), 64);
-        if self.brb {
-            let l = protocol::tunnel_rejected(&req, protocol::RejectReason::Brb);
-            self.send(&l);
+        // Keys are checked before anyone is asked: a request we could never honour needs no popup.
+        if let Err(e) = authkeys::validate_keys(&keys) {
+            self.log.line(&format!("tunnel request {req} from {from_shown} refused: {e}"));
+            if let Some(o) = self.out() {
+                protocol::push_tunnel_rejected(o, &req, protocol::RejectReason::InvalidKey);
+            }
             return;
         }
-        let keys = match authkeys::validate_keys(&keys) {
-            Ok(k) => k,
-            Err(e) => {
-                self.log.line(&format!("tunnel request {req} from {from_shown} refused: {e}"));
-                let l = protocol::tunnel_rejected(&req, protocol::RejectReason::InvalidKey);
-                self.send(&l);
-                return;
-            }
-        };
-        match self.tunnel.on_request() {
-            tunnel::RequestAction::Reject(reason) => {
-                let l = protocol::tunnel_rejected(&req, reason);
-                self.send(&l);
-            }
-            tunnel::RequestAction::Install => self.grant(&req, &from_shown, keys),
-            tunnel::RequestAction::Ask => {
-                self.popup_queue.push_back((req, from_shown, keys));
-                self.show_next_popup();
-            }
+        self.requesters.push((req.clone(), from_shown.clone()));
+        if self.requesters.len() > 64 {
+            self.requesters.remove(0);
         }
+        let fx = self.tunnel.upgrade(&req, &from_shown, keys);
+        self.apply(fx, protocol::CloseReason::Revoked);
     }
 
-    fn show_next_popup(&mut self) {
-        if self.popup_open {
-            return;
+    fn requester(&self, req: &str) -> String {
+        self.requesters.iter().rev().find(|(r, _)| r == req).map(|(_, f)| f.clone()).unwrap_or_default()
+    }
+
+    /// Carry out what the tunnel state machine decided. `closed_as` names who closed the tunnel.
+    fn apply(&mut self, effects: Vec<tunnel::Effect>, closed_as: protocol::CloseReason) {
+        for fx in effects {
+            match fx {
+                tunnel::Effect::Popup { req, from } => self.popup(&req, &from),
+                tunnel::Effect::Install { req, keys } => self.install(&req, &keys),
+                tunnel::Effect::Reject { req, reason } => {
+                    if reason == protocol::RejectReason::Denied {
+                        let from = self.requester(&req);
+                        self.chat_show(&format!("tunnel request from {from} denied"));
+                    }
+                    if let Some(o) = self.out() {
+                        protocol::push_tunnel_rejected(o, &req, reason);
+                    }
+                }
+                tunnel::Effect::OpenForward => {
+                    self.open_forward();
+                    if self.forward_port.is_some() {
+                        self.tunnel.forward_opened();
+                    }
+                }
+                tunnel::Effect::CancelForward => self.close_forward(),
+                tunnel::Effect::RemoveKeys => {
+                    self.remove_keys();
+                    self.chat_show("tunnel closed: support keys removed");
+                }
+                tunnel::Effect::Closed(reason) => {
+                    let reason = if reason == protocol::CloseReason::Revoked { closed_as } else { reason };
+                    if let Some(o) = self.out() {
+                        protocol::push_tunnel_closed(o, reason);
+                    }
+                }
+            }
         }
-        let Some((req, from, _)) = self.popup_queue.front().cloned() else { return };
+        self.status_row();
+    }
+
+    fn popup(&mut self, req: &str, from: &str) {
         let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
-        if self.foreground || self.tmux.is_none() {
+        let Some(features) = self.tmux.as_ref().map(|t| t.features.clone()) else {
+            // No terminal to ask on (foreground --tunnel after a revoke): nobody can say yes.
+            self.tell(&format!("tunnel request from {from} denied: no terminal to confirm it on"));
+            let fx = self.tunnel.answer(req, false);
+            self.apply(fx, protocol::CloseReason::Revoked);
             return;
-        }
-        let features = self.tmux.as_ref().unwrap().features.clone();
+        };
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
-        let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, &req, &from, &target, &features);
-        self.popup_open = true;
+        let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, req, from, &target, &features);
         self.chat_show(&format!("support ({from}) asks for an SSH tunnel to {target}: answer the popup"));
         self.tmux_cmd("list-clients -F '#{client_name} #{client_control_mode}'", Pending::Clients(cmd));
     }
 
-    fn on_answer(&mut self, req: &str, grant: bool) {
-        let pos = self.popup_queue.iter().position(|(r, _, _)| r == req);
-        let Some(pos) = pos else {
-            self.log.line("answer for an unknown tunnel request ignored");
-            return;
+    fn install(&mut self, req: &str, keys: &[u8]) {
+        let keys = match authkeys::validate_keys(keys) {
+            Ok(k) => k,
+            Err(_) => {
+                let fx = self.tunnel.failed(req, protocol::RejectReason::InvalidKey);
+                return self.apply(fx, protocol::CloseReason::Revoked);
+            }
         };
-        let (req, from, keys) = self.popup_queue.remove(pos).unwrap();
-        self.popup_open = false;
-        if grant && self.tunnel.state() != tunnel::State::Blocked {
-            self.grant(&req, &from, keys);
-        } else {
-            let reason =
-                if grant { protocol::RejectReason::Blocked } else { protocol::RejectReason::Denied };
-            self.chat_show(&format!("tunnel request from {from} denied"));
-            let l = protocol::tunnel_rejected(&req, reason);
-            self.send(&l);
-        }
-        self.show_next_popup();
-    }
-
-    fn grant(&mut self, req: &str, from: &str, keys: Vec<String>) {
+        let mut all = self.installed.clone();
+        all.extend(keys.iter().cloned());
         let sid = self.cfg.session_id.clone();
         let res = authkeys::edit(&self.cfg.authkeys_file, |old| {
             let cleaned = authkeys::remove_blocks(old, Some(&sid));
-            authkeys::add_block(&cleaned, &sid, &keys)
+            authkeys::add_block(&cleaned, &sid, &all).unwrap_or(cleaned)
         });
         if let Err(e) = res {
             self.tell(&format!("cannot install support keys: {e}"));
-            let l = protocol::tunnel_rejected(req, protocol::RejectReason::Error);
-            self.send(&l);
-            return;
+            let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
+            return self.apply(fx, protocol::CloseReason::Revoked);
         }
+        self.installed.extend(keys);
         if self.forward_port.is_none() {
             self.open_forward();
         }
         let Some(port) = self.forward_port else {
-            self.remove_keys();
-            let l = protocol::tunnel_rejected(req, protocol::RejectReason::Error);
-            self.send(&l);
-            return;
+            let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
+            return self.apply(fx, protocol::CloseReason::Revoked);
         };
-        self.tunnel.on_open(req);
+        self.tunnel.opened(req);
+        let from = self.requester(req);
         self.chat_show(&format!("tunnel granted to {from}: support can log in as {}", self.cfg.user));
-        let l = protocol::tunnel_open(req, port, &self.cfg.user);
-        self.send(&l);
+        let user = self.cfg.user.clone();
+        if let Some(o) = self.out() {
+            protocol::push_tunnel_open(o, req, port, &user);
+        }
         self.send_state();
         self.status_row();
     }
@@ -758,26 +791,11 @@ impl Daemon {
     }
 
     fn remove_keys(&mut self) {
+        self.installed.clear();
         let sid = self.cfg.session_id.clone();
         if let Err(e) = authkeys::edit(&self.cfg.authkeys_file, |old| authkeys::remove_blocks(old, Some(&sid))) {
             self.tell(&format!("cannot remove support keys: {e}"));
         }
-    }
-
-    fn revoke(&mut self, reason: protocol::CloseReason) {
-        let was_active = self.tunnel.state() == tunnel::State::Active;
-        self.tunnel.on_revoke();
-        self.remove_keys();
-        if self.cfg.mode != Mode::Tunnel {
-            self.close_forward();
-        }
-        if was_active {
-            self.chat_show("tunnel closed: support keys removed");
-            let l = protocol::tunnel_closed(reason);
-            self.send(&l);
-        }
-        self.send_state();
-        self.status_row();
     }
 
     // ---- control fifo ------------------------------------------------------------------------
@@ -803,45 +821,45 @@ impl Daemon {
         let words: Vec<&str> = line.split(' ').collect();
         match words.as_slice() {
             ["quit"] => self.begin_end(End::Customer),
-            ["grant"] => {
-                self.tunnel.on_grant();
-                self.chat_show(match self.tunnel.state() {
-                    tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
-                    tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
-                    _ => "tunnel state unchanged",
-                });
-                self.send_state();
-                self.status_row();
-            }
-            ["revoke"] => self.revoke(protocol::CloseReason::Revoked),
-            ["block"] => {
-                if self.tunnel.state() == tunnel::State::Active {
-                    self.revoke(protocol::CloseReason::Revoked);
+            ["grant"] => match self.tunnel.grant() {
+                Ok(fx) => {
+                    self.apply(fx, protocol::CloseReason::Revoked);
+                    self.chat_show(match self.tunnel.state() {
+                        tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
+                        tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
+                        _ => "tunnel already open",
+                    });
+                    self.send_state();
                 }
-                self.tunnel.on_block();
-                let queued: Vec<String> = self.popup_queue.drain(..).map(|(r, _, _)| r).collect();
-                for r in queued {
-                    let l = protocol::tunnel_rejected(&r, protocol::RejectReason::Blocked);
-                    self.send(&l);
+                Err(e) => self.chat_show(e),
+            },
+            ["revoke"] => match self.tunnel.revoke() {
+                Ok(fx) => {
+                    self.apply(fx, protocol::CloseReason::Revoked);
+                    self.chat_show("tunnel revoked: each request will be asked for again");
+                    self.send_state();
                 }
-                self.popup_open = false;
-                self.chat_show("tunnel requests blocked (Ctrl-b u to unblock)");
-                self.send_state();
-                self.status_row();
-            }
-            ["brb"] => {
-                if self.tunnel.state() == tunnel::State::Active {
-                    self.chat_show("BRB is not available while a tunnel is active: revoke it first (Ctrl-b U)");
-                } else if !self.brb {
-                    self.brb = true;
+                Err(e) => self.chat_show(e),
+            },
+            ["block"] => match self.tunnel.block() {
+                Ok(fx) => {
+                    self.apply(fx, protocol::CloseReason::Revoked);
+                    self.chat_show("tunnel requests blocked (Ctrl-b u to unblock)");
+                    self.send_state();
+                }
+                Err(e) => self.chat_show(e),
+            },
+            ["brb"] => match self.tunnel.set_brb(true) {
+                Ok(()) => {
                     self.chat_show("BRB: support keystrokes are paused; /back to resume");
                     self.send_state();
                     self.status_row();
                 }
-            }
+                Err(e) => self.chat_show(e),
+            },
             ["back"] => {
-                if self.brb {
-                    self.brb = false;
+                if self.tunnel.brb() {
+                    let _ = self.tunnel.set_brb(false);
                     self.chat_show("back: support can type again");
                     self.send_state();
                     self.status_row();
@@ -849,13 +867,17 @@ impl Daemon {
             }
             ["chat", b64] => match B64.decode(b64) {
                 Ok(t) if !t.is_empty() && t.len() <= 4096 => {
-                    let l = protocol::chat(&t);
-                    self.send(&l);
+                    if let Some(o) = self.out() {
+                        let _ = protocol::push_chat(o, &t);
+                    }
                 }
                 _ => self.log.line("ctl: bad chat line dropped"),
             },
-            ["answer", req, "grant"] => self.on_answer(req, true),
-            ["answer", req, "deny"] => self.on_answer(req, false),
+            ["answer", req, verdict @ ("grant" | "deny")] => {
+                let fx = self.tunnel.answer(req, *verdict == "grant");
+                self.apply(fx, protocol::CloseReason::Revoked);
+                self.send_state();
+            }
             ["respawn"] => {
                 if let Some(p) = self.tmux.as_ref().and_then(|t| t.shell) {
                     self.tmux_cmd(&format!("respawn-pane -k -t %{p}"), Pending::Ignore);
@@ -887,8 +909,9 @@ impl Daemon {
         signals::arm_watchdog(WATCHDOG_SECS);
         self.log.line(&format!("ending: {end:?}"));
         if self.tunnel.state() == tunnel::State::Active {
-            let l = protocol::tunnel_closed(protocol::CloseReason::Ended);
-            self.send(&l);
+            if let Some(o) = self.out() {
+                protocol::push_tunnel_closed(o, protocol::CloseReason::Ended);
+            }
         }
         self.remove_keys();
         let bye = match end {
@@ -897,9 +920,10 @@ impl Daemon {
             End::Customer => Some(protocol::ByeReason::Customer),
             End::Fatal => None,
         };
-        if let (Some(b), LinkState::Up) = (bye, &self.state) {
-            let l = protocol::bye(b);
-            self.send(&l);
+        if let Some(b) = bye {
+            if let Some(o) = self.out() {
+                protocol::push_bye(o, b);
+            }
         }
         self.flush_link(Duration::from_secs(2));
         self.close_forward();
@@ -1035,8 +1059,10 @@ impl Daemon {
             LinkState::Up if now >= l.last_rx + SILENCE_LIMIT => self.link_lost("no answer from the relay for 45 s"),
             LinkState::Up if now >= l.last_tx + PING_AFTER => {
                 self.ping_n += 1;
-                let p = protocol::ping(self.ping_n);
-                self.send(&p);
+                let n = self.ping_n;
+                if let Some(o) = self.out() {
+                    protocol::push_ping(o, n);
+                }
             }
             LinkState::Connecting if now >= l.started + WELCOME_TIMEOUT => {
                 self.link_lost("the relay did not answer the hello")
@@ -1201,4 +1227,36 @@ fn last_ssh_error(path: &std::path::Path) -> Option<String> {
         .filter(|l| keys.iter().any(|k| l.contains(k)))
         .last()
         .map(|l| l.split_once(" ssh: ").map(|x| x.1).unwrap_or(l).to_string())
+}
+
+/// Drop escape sequences (CSI/OSC and single ESC pairs) from a captured screen.
+fn strip_escapes(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == 0x1b {
+            i += 1;
+            match b.get(i) {
+                Some(b'[') => {
+                    i += 1;
+                    while i < b.len() && !(0x40..=0x7e).contains(&b[i]) {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                Some(b']') => {
+                    while i < b.len() && b[i] != 0x07 && !(b[i] == 0x1b && b.get(i + 1) == Some(&b'\\')) {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                Some(_) => i += 1,
+                None => {}
+            }
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
 }
