@@ -1,6 +1,8 @@
 //! linbit-tunl: open a shared terminal session so LINBIT support can assist on this system.
 
 // The authentication, SSH and JSON building blocks land before the daemon that calls them.
+#[allow(dead_code)]
+mod auth;
 mod cli;
 #[allow(dead_code)]
 mod json;
