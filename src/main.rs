@@ -6,6 +6,8 @@ mod auth;
 mod cli;
 #[allow(dead_code)]
 mod json;
+#[allow(dead_code)]
+mod ssh;
 
 use std::process::ExitCode;
 
