@@ -179,12 +179,35 @@ pub fn parse_forward_port(stdout: &[u8]) -> Option<u16> {
     s.parse::<u16>().ok().filter(|&p| p != 0)
 }
 
-/// Cancel the reverse forward that the relay allocated as `port`.
-pub fn cancel_command(dir: &Path, port: u16, target_host: &str, target_port: u16) -> Command {
+/// Cancel the reverse forward opened by `forward_command(dir, target_host, target_port)`.
+///
+/// The spec must be the one the forward was requested with (`-R 0:HOST:PORT`), not the port the relay
+/// allocated: the master matches its registered forward, whose listen port is 0, and cancels the
+/// allocated port itself. Checked against OpenSSH 9.2: `-R ALLOCATED:HOST:PORT` fails with "port not
+/// forwarded". The mux client exits 0 even then, so judge the result with `mux_error`.
+pub fn cancel_command(dir: &Path, target_host: &str, target_port: u16) -> Command {
     let mut cmd = mux_command(dir);
-    cmd.arg("-O").arg("cancel").arg("-R").arg(format!("{port}:{}", forward_target(target_host, target_port)));
+    cmd.arg("-O").arg("cancel").arg("-R").arg(format!("0:{}", forward_target(target_host, target_port)));
     cmd.arg("--").arg(MUX_PLACEHOLDER_HOST);
     cmd
+}
+
+/// The failure of a finished mux client command, if it failed. OpenSSH 9.2's mux client can exit 0
+/// after a refused request and says so only on stderr; with `LogLevel=ERROR` stderr is empty on
+/// success, except for `-O exit`'s "Exit request sent.". The text is made printable for the log.
+pub fn mux_error(status: std::process::ExitStatus, stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "Exit request sent.").collect();
+    if status.success() && lines.is_empty() {
+        return None;
+    }
+    let mut msg = cli::printable(&lines.join("; "));
+    msg.truncate(msg.char_indices().nth(300).map_or(msg.len(), |(i, _)| i));
+    if msg.is_empty() {
+        msg = format!("ssh mux client failed ({status})");
+    }
+    Some(msg)
 }
 
 /// Ask the master to end the connection.
@@ -398,8 +421,10 @@ mod tests {
         assert!(a.windows(4).any(|w| w == ["-O", "forward", "-R", "0:localhost:22"]), "{a:?}");
         let a = args(&forward_command(dir, "::1", 2222));
         assert!(a.contains(&"0:[::1]:2222".to_string()), "{a:?}");
-        let a = args(&cancel_command(dir, 40001, "10.0.0.1", 22));
-        assert!(a.windows(4).any(|w| w == ["-O", "cancel", "-R", "40001:10.0.0.1:22"]), "{a:?}");
+        let a = args(&cancel_command(dir, "10.0.0.1", 22));
+        assert!(a.windows(4).any(|w| w == ["-O", "cancel", "-R", "0:10.0.0.1:22"]), "{a:?}");
+        let a = args(&cancel_command(dir, "fd00::1", 22));
+        assert!(a.contains(&"0:[fd00::1]:22".to_string()), "{a:?}");
         let a = args(&exit_command(dir));
         assert!(a.windows(2).any(|w| w == ["-O", "exit"]), "{a:?}");
     }
@@ -411,6 +436,18 @@ mod tests {
         for bad in [&b""[..], b"\n", b"0\n", b"65536\n", b"-1\n", b"1 2\n", b"40001\n40002\n", b"+5\n", b"\xff\n"] {
             assert_eq!(parse_forward_port(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn mux_errors() {
+        use std::os::unix::process::ExitStatusExt;
+        let ok = std::process::ExitStatus::from_raw(0);
+        let bad = std::process::ExitStatus::from_raw(255 << 8);
+        assert_eq!(mux_error(ok, b""), None);
+        assert_eq!(mux_error(ok, b"Exit request sent.\r\n"), None);
+        let e = mux_error(ok, b"mux_client_forward: forwarding request failed: port not forwarded\r\n\x1b[2J").unwrap();
+        assert!(e.contains("port not forwarded") && !e.contains('\x1b'), "{e}");
+        assert!(mux_error(bad, b"").is_some());
     }
 
     #[test]
@@ -460,7 +497,7 @@ mod tests {
             );
             assert!(text.contains(&format!("\nport {}\n", c.relay_port)) && text.contains("\nuser tunl\n"), "{text}");
         }
-        for m in [forward_command(dir, "::1", 22), cancel_command(dir, 40001, "localhost", 22), exit_command(dir)] {
+        for m in [forward_command(dir, "::1", 22), cancel_command(dir, "localhost", 22), exit_command(dir)] {
             let mut a: Vec<String> = args(&m).into_iter().filter(|x| x != "-O").collect();
             // -G cannot be combined with -O; drop the control verb, keep every other option.
             a.retain(|x| !["forward", "cancel", "exit"].contains(&x.as_str()));
