@@ -134,11 +134,14 @@ fn neutralise(s: &str, token: &str) -> String {
 
 /// Extra PEM roots from `SSL_CERT_FILE` (every certificate in the file) and `SSL_CERT_DIR` (every
 /// file in the directory that holds PEM certificates; others are skipped, as OpenSSL does).
-fn extra_roots() -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+fn extra_roots(
+    cert_file: Option<&std::ffi::OsStr>,
+    cert_dir: Option<&std::ffi::OsStr>,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut out = Vec::new();
-    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()) {
+    if let Some(f) = cert_file.filter(|v| !v.is_empty()) {
         let path = Path::new(&f);
         let iter = CertificateDer::pem_file_iter(path)
             .map_err(|e| format!("SSL_CERT_FILE: cannot read {}: {e}", path.display()))?;
@@ -150,9 +153,9 @@ fn extra_roots() -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, Strin
             return Err(format!("SSL_CERT_FILE: {} holds no PEM certificate", path.display()));
         }
     }
-    if let Some(d) = std::env::var_os("SSL_CERT_DIR").filter(|v| !v.is_empty()) {
+    if let Some(d) = cert_dir.filter(|v| !v.is_empty()) {
         // Like OpenSSL, a colon-separated list; unreadable entries are skipped.
-        for dir in std::env::split_paths(&d) {
+        for dir in std::env::split_paths(d) {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for e in entries.flatten() {
                 if let Ok(iter) = CertificateDer::pem_file_iter(e.path()) {
@@ -165,9 +168,12 @@ fn extra_roots() -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, Strin
 }
 
 /// The TLS configuration for the signing API: the Mozilla roots plus the extra roots above.
-fn tls_config() -> Result<rustls::ClientConfig, String> {
+fn tls_config(
+    cert_file: Option<&std::ffi::OsStr>,
+    cert_dir: Option<&std::ffi::OsStr>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    for c in extra_roots()? {
+    for c in extra_roots(cert_file, cert_dir)? {
         roots.add(c).map_err(|e| format!("extra root certificate refused: {e}"))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -300,7 +306,20 @@ pub fn request_certificate(
     host: &str,
     timeout: Duration,
 ) -> Result<String, SignError> {
-    let tls = tls_config().map_err(SignError::Setup)?;
+    let (file, dir) = (std::env::var_os("SSL_CERT_FILE"), std::env::var_os("SSL_CERT_DIR"));
+    let tls = tls_config(file.as_deref(), dir.as_deref()).map_err(SignError::Setup)?;
+    request_with(tls, api, session_id, token, public_key_line, host, timeout)
+}
+
+fn request_with(
+    tls: rustls::ClientConfig,
+    api: &str,
+    session_id: &str,
+    token: &str,
+    public_key_line: &str,
+    host: &str,
+    timeout: Duration,
+) -> Result<String, SignError> {
     let agent = ureq::AgentBuilder::new()
         .tls_config(Arc::new(tls))
         .timeout_connect(CONNECT_TIMEOUT.min(timeout))
@@ -643,52 +662,166 @@ mod tests {
         }
     }
 
-    #[test]
-    fn untrusted_tls_is_not_unreachable() {
-        // A TLS server with a self-signed certificate nobody trusts: must be Untrusted, never a
-        // silent fallback. Served by openssl s_server when available.
-        let Ok(out) = std::process::Command::new("openssl").arg("version").output() else { return };
-        if !out.status.success() {
-            return;
+    /// A throwaway TLS CA and a leaf for 127.0.0.1 signed by it, made with the openssl tool (webpki
+    /// refuses a self-signed CA certificate used as the server's own). `None` without openssl.
+    fn tls_material(d: &Path) -> Option<()> {
+        let v = std::process::Command::new("openssl").arg("version").output().ok()?;
+        if !v.status.success() {
+            return None;
         }
-        let d = tmpdir("tls");
-        let st = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
-            .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(d.join("k.pem"))
-            .arg("-out")
-            .arg(d.join("c.pem"))
-            .stderr(std::process::Stdio::null())
-            .status()
+        std::fs::write(d.join("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let steps: [Vec<&str>; 3] = [
+            [
+                &["req", "-x509", "-days", "1"][..],
+                &ec,
+                &["-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+            [&["req"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "k.pem", "-out", "leaf.csr"]].concat(),
+            vec!["x509", "-req", "-days", "1", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key"]
+                .into_iter()
+                .chain(["-CAcreateserial", "-extfile", "leaf.ext", "-out", "c.pem"])
+                .collect(),
+        ];
+        for a in steps {
+            let st = std::process::Command::new("openssl")
+                .args(&a)
+                .current_dir(d)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "openssl {a:?}");
+        }
+        Some(())
+    }
+
+    /// Serve one HTTPS request with a canned answer; the thread returns the request it read.
+    fn serve_once(d: &Path, answer: String) -> (u16, std::thread::JoinHandle<String>) {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(d.join("c.pem")).unwrap().map(|c| c.unwrap()).collect();
+        let key = PrivateKeyDer::from_pem_file(d.join("k.pem")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
             .unwrap();
-        assert!(st.success());
+        let cfg = Arc::new(cfg);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        drop(l);
-        let mut srv = std::process::Command::new("openssl")
-            .args(["s_server", "-quiet", "-accept", &port.to_string(), "-www"])
-            .arg("-key")
-            .arg(d.join("k.pem"))
-            .arg("-cert")
-            .arg(d.join("c.pem"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        let h = std::thread::spawn(move || {
+            let (sock, _) = l.accept().unwrap();
+            let conn = rustls::ServerConnection::new(cfg).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read the head, then Content-Length bytes of body.
+            loop {
+                let Ok(n) = tls.read(&mut buf) else { return String::new() };
+                if n == 0 {
+                    return String::from_utf8_lossy(&req).into_owned();
+                }
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).into_owned();
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let len = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if req.len() >= head_end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            tls.write_all(answer.as_bytes()).unwrap();
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+            String::from_utf8_lossy(&req).into_owned()
+        });
+        (port, h)
+    }
+
+    fn http(status: &str, extra: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn https_signing_api() {
+        let d = tmpdir("tls");
+        if tls_material(&d).is_none() {
+            eprintln!("no openssl; skipped");
+            return;
         }
-        let api = format!("https://127.0.0.1:{port}");
-        let r = request_certificate(&api, "a-b-c-d", "123456", "ssh-ed25519 AAAA", "h", Duration::from_secs(5));
-        let _ = srv.kill();
-        let _ = srv.wait();
-        std::fs::remove_dir_all(&d).unwrap();
-        match r {
+        let ca = d.join("ca.pem");
+        let ask = |port: u16, extra_root: bool| {
+            let tls = tls_config(extra_root.then_some(ca.as_os_str()), None).unwrap();
+            let api = format!("https://127.0.0.1:{port}/");
+            request_with(
+                tls,
+                &api,
+                "swift-fox-jumps-barrel",
+                "123456",
+                "ssh-ed25519 AAAA x",
+                "node1",
+                Duration::from_secs(5),
+            )
+        };
+
+        // Without the extra root: a certificate we cannot verify is Untrusted, never Unreachable.
+        let (port, h) = serve_once(&d, http("200 OK", "", "{}"));
+        match ask(port, false) {
             Err(SignError::Untrusted(m)) => assert!(m.contains("forged") && !m.contains("123456"), "{m}"),
             other => panic!("{other:?}"),
         }
+        let _ = h.join();
+
+        // With it (what SSL_CERT_FILE provides): the request is the documented JSON, the answer used.
+        let cert = "ssh-ed25519-cert-v01@openssh.com AAAAtest";
+        let (port, h) = serve_once(&d, http("200 OK", "", &json::encode_object(&[("certificate", cert)])));
+        assert_eq!(ask(port, true).unwrap(), cert);
+        let req = h.join().unwrap();
+        assert!(req.starts_with("POST /api/v1/sign HTTP/1.1\r\n"), "{req}");
+        let body = &req[req.find("\r\n\r\n").unwrap() + 4..];
+        let fields = json::parse_string_object(body).unwrap();
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("session_id"), Some("swift-fox-jumps-barrel"));
+        assert_eq!(get("token"), Some("123456"));
+        assert_eq!(get("public_key"), Some("ssh-ed25519 AAAA x"));
+        assert_eq!(get("host"), Some("node1"));
+
+        let (port, h) = serve_once(&d, http("429 Too Many Requests", "Retry-After: 3\r\n", r#"{"error":"slow down"}"#));
+        assert_eq!(ask(port, true), Err(SignError::RateLimited(3)));
+        let _ = h.join();
+        let (port, h) = serve_once(&d, http("401 Unauthorized", "", r#"{"error":"bad token 123456"}"#));
+        match ask(port, true) {
+            Err(SignError::Rejected(m)) => assert!(m.contains("bad token") && !m.contains("123456"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let _ = h.join();
+        let (port, h) = serve_once(&d, http("302 Found", "Location: https://elsewhere.example/\r\n", ""));
+        assert!(matches!(ask(port, true), Err(SignError::Bad(_))));
+        let _ = h.join();
+        let (port, h) = serve_once(&d, http("200 OK", "", "<html>hello</html>"));
+        assert!(matches!(ask(port, true), Err(SignError::Bad(_))));
+        let _ = h.join();
+
+        let empty = d.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(tls_config(Some(empty.as_os_str()), None).is_err());
+        assert!(tls_config(Some(d.join("missing.pem").as_os_str()), None).is_err());
+        // SSL_CERT_DIR: every PEM file in the directory; other files are skipped.
+        assert!(tls_config(None, Some(d.as_os_str())).is_ok());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
