@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use rustix::event::{PollFd, PollFlags};
 
-use crate::cli::{Config, Mode};
+use crate::cli::Config;
 use crate::proc::{self, Proc};
 use crate::protocol::{self, RelayMsg, Verdict};
 use crate::sessiondir::{Log, SessionDir};
@@ -99,7 +99,7 @@ pub struct Daemon {
     cfg: Config,
     dir: SessionDir,
     foreground: bool,
-    auth: auth::AuthPath,
+    auth: ssh::AuthPath,
     log: Log,
     sshlog: Log,
     sig: SignalPipe,
@@ -129,7 +129,7 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(cfg: Config, dir: SessionDir, auth: auth::AuthPath, foreground: bool) -> Result<Daemon, String> {
+    pub fn new(cfg: Config, dir: SessionDir, auth: ssh::AuthPath, foreground: bool) -> Result<Daemon, String> {
         let sig = SignalPipe::install().map_err(|e| format!("cannot set up signal handling: {e}"))?;
         let log = Log::open(&dir.file("debug.log"));
         let sshlog = Log::open(&dir.file("ssh.log"));
@@ -215,14 +215,18 @@ impl Daemon {
     fn connect(&mut self) {
         let resume = self.ever_welcomed;
         let size = self.tmux.as_ref().map(|t| t.size).unwrap_or((0, 0));
-        let hello = ssh::hello(&self.cfg, &self.host, &self.ips, size, resume);
-        if resume && matches!(self.auth, auth::AuthPath::Cert) && !auth::cert_still_valid(&self.dir.path, now_unix()) {
+        let hello = match ssh::hello(&self.cfg, &self.host, &self.ips, size, resume) {
+            Ok(h) => h,
+            Err(e) => return self.fatal(&e),
+        };
+        let cert = self.dir.file("sharekey").join(auth::CERT_FILE);
+        if resume && matches!(self.auth, ssh::AuthPath::Cert) && !auth::cert_still_valid(&cert, now_unix()) {
             // The relay remembers a resumed session: the session ID is enough, never the token again.
             let _ = std::fs::remove_file(self.dir.file("askpass.sh"));
             if let Err(e) = auth::write_askpass(&self.dir.path, &self.cfg.session_id) {
                 self.log.line(&e);
             }
-            self.auth = auth::AuthPath::KeyboardInteractive;
+            self.auth = ssh::AuthPath::KeyboardInteractive;
             self.log.line("certificate expired: reconnecting with keyboard-interactive and the session ID");
         }
         let mut cmd = ssh::master_command(&self.cfg, &self.dir.path, self.auth, &hello);
@@ -498,7 +502,7 @@ impl Daemon {
             return;
         };
         let Some(pane) = t.shell else { return };
-        for cmd in tmux::send_keys_commands(pane, bytes, &t.features) {
+        for cmd in tmux::send_keys(&t.features, pane, bytes) {
             self.tmux_cmd(&cmd, Pending::Ignore);
         }
     }
@@ -539,14 +543,26 @@ impl Daemon {
             tmux::Event::Output { pane, data } => {
                 if Some(pane) == self.tmux.as_ref().and_then(|t| t.shell) {
                     if let Some(r) = &mut self.rec {
-                        r.output(&data);
+                        if r.output(&data).is_err() {
+                            self.log.line("recording stopped: write failed");
+                            self.rec = None;
+                        }
                     }
                     if let Some(o) = self.out() {
                         protocol::push_o(o, &data);
                     }
                 }
             }
-            tmux::Event::Block { ok, body } => {
+            tmux::Event::End { flags, body, .. } | tmux::Event::Error { flags, body, .. } if flags & 1 == 0 => {
+                // Replies to the command on tmux's own command line, not to lines we wrote.
+                let _ = body;
+            }
+            ev @ (tmux::Event::End { .. } | tmux::Event::Error { .. }) => {
+                let (ok, body) = match ev {
+                    tmux::Event::End { body, .. } => (true, body),
+                    tmux::Event::Error { body, .. } => (false, body),
+                    _ => unreachable!(),
+                };
                 let pending = self.tmux.as_mut().and_then(|t| t.pending.pop_front()).unwrap_or(Pending::Ignore);
                 if !ok {
                     let b: Vec<String> = body.iter().map(|l| text::neutralize(l, 300)).collect();
@@ -591,7 +607,7 @@ impl Daemon {
                 if first || changed {
                     if let Some(r) = &mut self.rec {
                         if !first {
-                            r.resize(w, h);
+                            let _ = r.resize(w, h);
                         }
                     }
                     if let Some(o) = self.out() {
@@ -638,8 +654,22 @@ impl Daemon {
     }
 
     fn start_recording(&mut self, w: u16, h: u16) {
-        match recording::Recorder::create(self.cfg.recording_dir.as_deref(), &self.cfg.session_id, &self.host, w, h)
-        {
+        let header = recording::Header {
+            width: w,
+            height: h,
+            term: std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+            shell: std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into()),
+            session_id: self.cfg.session_id.clone(),
+        };
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let dir = self.cfg.recording_dir.clone();
+        match recording::Recorder::create(
+            dir.as_deref(),
+            home.as_deref(),
+            &self.host,
+            std::time::SystemTime::now(),
+            &header,
+        ) {
             Ok((r, path)) => {
                 self.log.line(&format!("recording to {}", path.display()));
                 self.rec = Some(r);
@@ -781,11 +811,14 @@ impl Daemon {
 
     fn close_forward(&mut self) {
         if let Some(port) = self.forward_port.take() {
-            let mut cmd = ssh::cancel_command(&self.dir.path, port, &self.cfg.target_host, self.cfg.target_port);
-            if let Ok(f) = proc::run_with_timeout(&mut cmd, Duration::from_secs(5)) {
-                if !f.status.map(|s| s.success()).unwrap_or(false) {
-                    self.log.line(&format!("ssh -O cancel failed: {}", text::neutralize(&f.stderr, 500)));
-                }
+            let mut cmd = ssh::cancel_command(&self.dir.path, &self.cfg.target_host, self.cfg.target_port);
+            match proc::run_with_timeout(&mut cmd, Duration::from_secs(5)) {
+                Ok(f) => match f.status.and_then(|st| ssh::mux_error(st, &f.stderr)) {
+                    Some(e) => self.log.line(&format!("ssh -O cancel of relay port {port} failed: {e}")),
+                    None if f.status.is_none() => self.log.line("ssh -O cancel timed out"),
+                    None => self.log.line(&format!("reverse tunnel on relay port {port} closed")),
+                },
+                Err(e) => self.log.line(&format!("cannot run ssh -O cancel: {e}")),
             }
         }
     }
@@ -940,7 +973,7 @@ impl Daemon {
             let _ = l.p.child.wait();
         }
         if let Some(r) = self.rec.take() {
-            r.finish();
+            let _ = r.finish();
         }
         let rec = self.rec_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         let _ = std::fs::write(self.dir.file("exit"), format!("{}\n{}\n", end.status(), rec));
@@ -981,7 +1014,7 @@ impl Daemon {
         let mut cmd = Command::new("tmux");
         cmd.arg("-S").arg(self.dir.file("tmux.sock")).args(["-C", "attach-session", "-t", "tunl"]);
         let p = proc::spawn(&mut cmd, false).map_err(|e| format!("cannot start the tmux control client: {e}"))?;
-        let mut t = TmuxSide {
+        let t = TmuxSide {
             p,
             parser: tmux::ControlParser::new(),
             outq: Vec::new(),
@@ -992,8 +1025,6 @@ impl Daemon {
             features,
             eof: false,
         };
-        // The first block answers the attach itself.
-        t.pending.push_back(Pending::Ignore);
         self.tmux = Some(t);
         self.list_panes();
         Ok(())
@@ -1097,7 +1128,7 @@ impl Daemon {
         let cands = [(&lo, Role::LinkOut, PollFlags::IN), (&le, Role::LinkErr, PollFlags::IN), (&li, Role::LinkIn, PollFlags::OUT), (&to, Role::TmuxOut, PollFlags::IN), (&ti, Role::TmuxIn, PollFlags::OUT), (&cf, Role::Ctl, PollFlags::IN)];
         for (fd, role, flags) in cands.iter() {
             if let Some(fd) = fd {
-                fds.push(PollFd::new(*fd, *flags));
+                fds.push(PollFd::from_borrowed_fd(*fd, *flags));
                 roles.push(*role);
             }
         }

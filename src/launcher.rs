@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cli::{Config, Mode};
-use crate::daemon::{Daemon, End};
+use crate::daemon::Daemon;
 use crate::sessiondir::{self, Log, SessionDir};
 use crate::{auth, authkeys, signals, ssh, tmux, ui, which};
 
@@ -52,17 +52,17 @@ pub fn run(cfg: Config) -> u8 {
     if foreground { run_foreground(cfg, dir, auth_path) } else { run_tmux(cfg, dir, &mut log) }
 }
 
-fn auth_name(a: auth::AuthPath) -> &'static str {
+fn auth_name(a: ssh::AuthPath) -> &'static str {
     match a {
-        auth::AuthPath::Cert => "cert",
-        auth::AuthPath::KeyboardInteractive => "ki",
+        ssh::AuthPath::Cert => "cert",
+        ssh::AuthPath::KeyboardInteractive => "ki",
     }
 }
 
-pub fn auth_from_name(s: &str) -> Option<auth::AuthPath> {
+pub fn auth_from_name(s: &str) -> Option<ssh::AuthPath> {
     match s {
-        "cert" => Some(auth::AuthPath::Cert),
-        "ki" => Some(auth::AuthPath::KeyboardInteractive),
+        "cert" => Some(ssh::AuthPath::Cert),
+        "ki" => Some(ssh::AuthPath::KeyboardInteractive),
         _ => None,
     }
 }
@@ -72,12 +72,13 @@ pub fn sweep_stale_keys(path: &Path) -> Result<(), String> {
     match std::fs::symlink_metadata(path) {
         Err(_) => Ok(()),
         Ok(_) => authkeys::edit(path, |old| authkeys::remove_blocks(old, None))
+            .map(|_| ())
             .map_err(|e| format!("cannot clean stale support keys from {}: {e}", path.display())),
     }
 }
 
 /// Ephemeral key, then a certificate from the signing API (with a token), else keyboard-interactive.
-fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<auth::AuthPath, String> {
+fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<ssh::AuthPath, String> {
     let keydir = dir.file("sharekey");
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -88,7 +89,7 @@ fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<auth::A
     let Some(token) = &cfg.token else {
         log.line("no token: keyboard-interactive with the session ID");
         auth::write_askpass(&dir.path, &cfg.session_id)?;
-        return Ok(auth::AuthPath::KeyboardInteractive);
+        return Ok(ssh::AuthPath::KeyboardInteractive);
     };
     let public = key.public_key().to_openssh().map_err(|e| format!("cannot encode the public key: {e}"))?;
     let (host, _) = ssh::host_context();
@@ -101,13 +102,13 @@ fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<auth::A
                 auth::verify_certificate(&cert, key.public_key(), &cfg.ca_pubkey, &cfg.relay_user, now)?;
                 auth::write_cert(&keydir, &cert)?;
                 log.line("certificate received and verified");
-                return Ok(auth::AuthPath::Cert);
+                return Ok(ssh::AuthPath::Cert);
             }
             Err(auth::SignError::Unreachable(why)) => {
                 say(&format!("the signing service is unreachable ({why}); using keyboard-interactive login"));
                 log.line(&format!("signing API unreachable: {why}"));
                 auth::write_askpass(&dir.path, token)?;
-                return Ok(auth::AuthPath::KeyboardInteractive);
+                return Ok(ssh::AuthPath::KeyboardInteractive);
             }
             Err(auth::SignError::RateLimited(secs)) if tries < SIGN_RETRIES && secs <= 60 => {
                 say(&format!("the signing service asks us to wait {secs} s; retrying"));
@@ -118,7 +119,7 @@ fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<auth::A
     }
 }
 
-fn run_foreground(cfg: Config, dir: SessionDir, auth_path: auth::AuthPath) -> u8 {
+fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 {
     let debug = cfg.debug;
     let mut d = match Daemon::new(cfg, dir, auth_path, true) {
         Ok(d) => d,
@@ -191,7 +192,7 @@ fn checked_prefix(dir: &SessionDir, prefix: &str) -> String {
 fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
     let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
-    let features = tmux::Features::from_version(tmux::parse_version(&String::from_utf8_lossy(&version)));
+    let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
     cfg.prefix = checked_prefix(&dir, &cfg.prefix);
     let fail = |dir: &SessionDir, msg: &str| -> u8 {
         say(msg);
@@ -304,7 +305,7 @@ pub fn daemon_main(dir: &Path) -> u8 {
     };
     let _ = std::fs::write(dir.file("daemon.pid"), format!("{}\n", std::process::id()));
     let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
-    let features = tmux::Features::from_version(tmux::parse_version(&String::from_utf8_lossy(&version)));
+    let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
     let sock = dir.file("tmux.sock");
     let mut d = match Daemon::new(cfg, dir, auth_path, false) {
         Ok(d) => d,
