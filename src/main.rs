@@ -1,6 +1,10 @@
 //! linbit-tunl: open a shared terminal session so LINBIT support can assist on this system.
 
+// Until the launcher and daemon use all of it.
+#[allow(dead_code)]
 mod cli;
+#[allow(dead_code)]
+mod tmux;
 
 use std::process::ExitCode;
 
