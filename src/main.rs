@@ -4,6 +4,8 @@
 #[allow(dead_code)]
 mod cli;
 #[allow(dead_code)]
+mod recording;
+#[allow(dead_code)]
 mod tmux;
 
 use std::process::ExitCode;

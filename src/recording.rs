@@ -1,0 +1,426 @@
+//! The session recording: an asciinema v2 `.cast` file of what the shared pane printed.
+//!
+//! Every event is one `write(2)` of one complete line, with no userspace buffering, so a crash at any
+//! point leaves a playable file. Output chunks may split a UTF-8 sequence; the incomplete tail waits
+//! for the next chunk, and bytes that are not UTF-8 become U+FFFD (the format carries text).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// What goes into the header line.
+#[derive(Clone, Debug)]
+pub struct Header {
+    pub width: u16,
+    pub height: u16,
+    pub term: String,
+    pub shell: String,
+    pub session_id: String,
+}
+
+pub struct Recorder {
+    file: File,
+    start: Instant,
+    /// An incomplete UTF-8 sequence from the end of the previous chunk (at most 3 bytes).
+    tail: Vec<u8>,
+}
+
+/// The manual's locations, in order of preference, when no override is configured.
+pub fn default_dirs(home: Option<&Path>) -> Vec<PathBuf> {
+    let mut v = vec![PathBuf::from("/var/log/linbit-tunl")];
+    if let Some(h) = home {
+        v.push(h.join(".local/share/linbit-tunl"));
+    }
+    v.push(PathBuf::from("/tmp"));
+    v
+}
+
+/// `20261125T153000Z` for a time.
+pub fn timestamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Keep a host name safe as a file name component.
+fn file_safe(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    if s.is_empty() || s.starts_with('.') { format!("host{s}") } else { s }
+}
+
+impl Recorder {
+    /// Create the recording in `dir` if given (TUNL_RECORDING_DIR), else in the first writable of
+    /// `default_dirs(home)`. The file is new (O_EXCL, never following a planted link), mode 0600.
+    pub fn create(
+        dir: Option<&Path>,
+        home: Option<&Path>,
+        hostname: &str,
+        now: SystemTime,
+        header: &Header,
+    ) -> io::Result<(Recorder, PathBuf)> {
+        let dirs = match dir {
+            Some(d) => vec![d.to_path_buf()],
+            None => default_dirs(home),
+        };
+        let name = format!("linbit-tunl_{}_{}", timestamp(now), file_safe(hostname));
+        let mut last_err = io::Error::other("no recording directory");
+        for d in dirs {
+            if d != Path::new("/tmp") {
+                let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&d);
+            }
+            for n in 0..100 {
+                let path = if n == 0 { d.join(format!("{name}.cast")) } else { d.join(format!("{name}-{n}.cast")) };
+                match OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(&path)
+                {
+                    Ok(file) => {
+                        let mut r = Recorder { file, start: Instant::now(), tail: Vec::new() };
+                        r.write_header(now, header)?;
+                        return Ok((r, path));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => {
+                        last_err = e;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    fn write_header(&mut self, now: SystemTime, h: &Header) -> io::Result<()> {
+        let ts = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let line = format!(
+            "{{\"version\": 2, \"width\": {}, \"height\": {}, \"timestamp\": {ts}, \"env\": {{\"TERM\": {}, \"SHELL\": {}}}, \"title\": {}}}\n",
+            h.width,
+            h.height,
+            json_str(&h.term),
+            json_str(&h.shell),
+            json_str(&format!("linbit-tunl {}", h.session_id))
+        );
+        self.file.write_all(line.as_bytes())
+    }
+
+    fn elapsed(&self) -> String {
+        format!("{:.6}", self.start.elapsed().as_secs_f64())
+    }
+
+    /// Record bytes the pane printed.
+    pub fn output(&mut self, data: &[u8]) -> io::Result<()> {
+        let mut bytes = std::mem::take(&mut self.tail);
+        bytes.extend_from_slice(data);
+        let text = decode_keep_tail(&bytes, &mut self.tail);
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.event("o", &text)
+    }
+
+    /// Record a change of the pane's size.
+    pub fn resize(&mut self, width: u16, height: u16) -> io::Result<()> {
+        self.event("r", &format!("{width}x{height}"))
+    }
+
+    fn event(&mut self, kind: &str, text: &str) -> io::Result<()> {
+        let line = format!("[{}, \"{kind}\", {}]\n", self.elapsed(), json_str(text));
+        self.file.write_all(line.as_bytes())
+    }
+
+    /// Write out a pending incomplete sequence (as U+FFFD) and sync the file.
+    pub fn finish(mut self) -> io::Result<()> {
+        if !self.tail.is_empty() {
+            let t = String::from_utf8_lossy(&std::mem::take(&mut self.tail)).into_owned();
+            self.event("o", &t)?;
+        }
+        self.file.sync_all()
+    }
+}
+
+/// Decode UTF-8, replacing invalid bytes with U+FFFD, but hold back an incomplete sequence at the end.
+fn decode_keep_tail(bytes: &[u8], tail: &mut Vec<u8>) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                return out;
+            }
+            Err(e) => {
+                let good = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&rest[..good]).unwrap_or_default());
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{FFFD}');
+                        rest = &rest[good + n..];
+                    }
+                    None => {
+                        tail.extend_from_slice(&rest[good..]);
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A JSON string literal.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny JSON value for checking the file's structure.
+    #[derive(Debug, PartialEq)]
+    enum J {
+        Null,
+        Bool(bool),
+        Num(f64),
+        Str(String),
+        Arr(Vec<J>),
+        Obj(Vec<(String, J)>),
+    }
+
+    struct P<'a>(&'a [u8], usize);
+    impl P<'_> {
+        fn ws(&mut self) {
+            while self.1 < self.0.len() && b" \t\r\n".contains(&self.0[self.1]) {
+                self.1 += 1;
+            }
+        }
+        fn eat(&mut self, c: u8) -> Option<()> {
+            self.ws();
+            (self.0.get(self.1) == Some(&c)).then(|| self.1 += 1)
+        }
+        fn value(&mut self) -> Option<J> {
+            self.ws();
+            match *self.0.get(self.1)? {
+                b'{' => {
+                    self.1 += 1;
+                    let mut v = Vec::new();
+                    if self.eat(b'}').is_some() {
+                        return Some(J::Obj(v));
+                    }
+                    loop {
+                        self.ws();
+                        let J::Str(k) = self.value()? else { return None };
+                        self.eat(b':')?;
+                        v.push((k, self.value()?));
+                        if self.eat(b',').is_none() {
+                            self.eat(b'}')?;
+                            return Some(J::Obj(v));
+                        }
+                    }
+                }
+                b'[' => {
+                    self.1 += 1;
+                    let mut v = Vec::new();
+                    if self.eat(b']').is_some() {
+                        return Some(J::Arr(v));
+                    }
+                    loop {
+                        v.push(self.value()?);
+                        if self.eat(b',').is_none() {
+                            self.eat(b']')?;
+                            return Some(J::Arr(v));
+                        }
+                    }
+                }
+                b'"' => {
+                    self.1 += 1;
+                    let mut s = String::new();
+                    loop {
+                        let rest = std::str::from_utf8(&self.0[self.1..]).ok()?;
+                        let c = rest.chars().next()?;
+                        self.1 += c.len_utf8();
+                        match c {
+                            '"' => return Some(J::Str(s)),
+                            '\\' => {
+                                let e = *self.0.get(self.1)?;
+                                self.1 += 1;
+                                match e {
+                                    b'"' | b'\\' | b'/' => s.push(e as char),
+                                    b'n' => s.push('\n'),
+                                    b'r' => s.push('\r'),
+                                    b't' => s.push('\t'),
+                                    b'b' => s.push('\u{8}'),
+                                    b'f' => s.push('\u{c}'),
+                                    b'u' => {
+                                        let h = std::str::from_utf8(self.0.get(self.1..self.1 + 4)?).ok()?;
+                                        self.1 += 4;
+                                        s.push(char::from_u32(u32::from_str_radix(h, 16).ok()?)?);
+                                    }
+                                    _ => return None,
+                                }
+                            }
+                            c if (c as u32) < 0x20 => return None,
+                            c => s.push(c),
+                        }
+                    }
+                }
+                b't' if self.0[self.1..].starts_with(b"true") => {
+                    self.1 += 4;
+                    Some(J::Bool(true))
+                }
+                b'f' if self.0[self.1..].starts_with(b"false") => {
+                    self.1 += 5;
+                    Some(J::Bool(false))
+                }
+                b'n' if self.0[self.1..].starts_with(b"null") => {
+                    self.1 += 4;
+                    Some(J::Null)
+                }
+                _ => {
+                    let start = self.1;
+                    while self.1 < self.0.len() && b"-+.eE0123456789".contains(&self.0[self.1]) {
+                        self.1 += 1;
+                    }
+                    std::str::from_utf8(&self.0[start..self.1]).ok()?.parse().ok().map(J::Num)
+                }
+            }
+        }
+    }
+
+    fn parse_json(line: &str) -> J {
+        let mut p = P(line.as_bytes(), 0);
+        let v = p.value().unwrap_or_else(|| panic!("not JSON: {line}"));
+        p.ws();
+        assert_eq!(p.1, line.len(), "trailing data: {line}");
+        v
+    }
+
+    fn get<'a>(o: &'a J, k: &str) -> &'a J {
+        let J::Obj(v) = o else { panic!("not an object") };
+        &v.iter().find(|(kk, _)| kk == k).unwrap_or_else(|| panic!("no {k}")).1
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tunl-rec-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn cast_file_is_asciinema_v2() {
+        let dir = tempdir("v2");
+        let header = Header {
+            width: 80,
+            height: 24,
+            term: "xterm-256color".into(),
+            shell: "/bin/bash".into(),
+            session_id: "swift-fox-jumps-barrel".into(),
+        };
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_620_600);
+        let (mut r, path) = Recorder::create(Some(&dir), None, "node1/x", now, &header).unwrap();
+        assert_eq!(path, dir.join("linbit-tunl_20261125T153000Z_node1_x.cast"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A second recording in the same second gets its own file.
+        let (_r2, path2) = Recorder::create(Some(&dir), None, "node1/x", now, &header).unwrap();
+        assert_ne!(path, path2);
+
+        let euro = "€".as_bytes(); // e2 82 ac
+        r.output(b"hello \"q\" \\ \x1b[1m\r\n").unwrap();
+        r.output(&euro[..1]).unwrap();
+        r.output(&euro[1..2]).unwrap();
+        r.output(&[euro[2], b'!', 0xff, b'x', 0xc3]).unwrap();
+        r.resize(100, 30).unwrap();
+        r.finish().unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let h = parse_json(lines[0]);
+        assert_eq!(get(&h, "version"), &J::Num(2.0));
+        assert_eq!(get(&h, "width"), &J::Num(80.0));
+        assert_eq!(get(&h, "height"), &J::Num(24.0));
+        assert_eq!(get(&h, "timestamp"), &J::Num(1_795_620_600.0));
+        assert_eq!(get(get(&h, "env"), "TERM"), &J::Str("xterm-256color".into()));
+        assert_eq!(get(&h, "title"), &J::Str("linbit-tunl swift-fox-jumps-barrel".into()));
+        let mut out = String::new();
+        let mut last_t = 0.0;
+        let mut kinds = String::new();
+        for l in &lines[1..] {
+            let J::Arr(v) = parse_json(l) else { panic!("event not an array: {l}") };
+            assert_eq!(v.len(), 3);
+            let (J::Num(t), J::Str(k), J::Str(s)) = (&v[0], &v[1], &v[2]) else { panic!("{l}") };
+            assert!(*t >= last_t);
+            last_t = *t;
+            kinds.push_str(k);
+            if k == "o" {
+                out.push_str(s);
+            } else {
+                assert_eq!(s, "100x30");
+            }
+        }
+        assert_eq!(kinds, "ooro");
+        assert_eq!(out, "hello \"q\" \\ \x1b[1m\r\n€!\u{FFFD}x\u{FFFD}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn falls_back_to_a_writable_dir_and_refuses_links() {
+        let dir = tempdir("links");
+        std::fs::create_dir_all(&dir).unwrap();
+        let header =
+            Header { width: 1, height: 1, term: String::new(), shell: String::new(), session_id: "a-b-c-d".into() };
+        let now = UNIX_EPOCH;
+        // A planted symlink at the first name is not followed; the next name is used.
+        std::os::unix::fs::symlink("/dev/null", dir.join("linbit-tunl_19700101T000000Z_h.cast")).unwrap();
+        let (_r, p) = Recorder::create(Some(&dir), None, "h", now, &header).unwrap();
+        assert_eq!(p, dir.join("linbit-tunl_19700101T000000Z_h-1.cast"));
+        // An unusable override directory is an error, not a silent fallback.
+        let file = dir.join("plainfile");
+        std::fs::write(&file, "").unwrap();
+        assert!(Recorder::create(Some(&file), None, "h", now, &header).is_err());
+        assert_eq!(default_dirs(Some(Path::new("/home/u")))[1], PathBuf::from("/home/u/.local/share/linbit-tunl"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(UNIX_EPOCH), "19700101T000000Z");
+        assert_eq!(timestamp(UNIX_EPOCH + std::time::Duration::from_secs(951_825_600)), "20000229T120000Z");
+    }
+}
