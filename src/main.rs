@@ -7,6 +7,8 @@ mod cli;
 mod recording;
 #[allow(dead_code)]
 mod tmux;
+#[allow(dead_code)]
+mod ui;
 
 use std::process::ExitCode;
 
