@@ -2,6 +2,8 @@
 
 // Until the launcher and daemon use all of it.
 #[allow(dead_code)]
+mod chat;
+#[allow(dead_code)]
 mod cli;
 #[allow(dead_code)]
 mod recording;
