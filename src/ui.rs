@@ -1,0 +1,529 @@
+//! What the customer sees in tmux: our own configuration file (prefix, status line, pane labels, key
+//! bindings, menu, cheat sheet), the commands that build and reset the layout, and the Grant/Deny
+//! prompt for a tunnel request. Everything here only builds text; the launcher and daemon run it.
+//!
+//! Decisions (see docs/architecture.md):
+//! - Detaching is disabled (`d`, `D` unbound): the launcher's `tmux attach` returning is how it notices
+//!   the session ended; a detach would look like an end and orphan the daemon.
+//! - Mouse mode stays off so the customer's terminal keeps its own selection and copy/paste.
+//! - `c`/`C-c` toggle focus with `select-pane -t :.+` (window 0 holds exactly the shell and the chat).
+//! - `L` re-applies the layout in tmux at once (`main-horizontal`, chat 8 rows) and asks the daemon
+//!   (`respawn`) to respawn a dead chat pane and re-tag panes.
+//! - Dead shell pane: `remain-on-exit on`; root bindings for `Enter` and `q` act only on a dead pane
+//!   (`if -F #{pane_dead}`), otherwise pass the key through with `send-keys`.
+//! - The menu is `display-menu` on tmux >= 3.0; older tmux (>= 2.1) gets a one-shot key table
+//!   `linbit-menu` announced with `display-message`. The cheat sheet is a menu of disabled lines
+//!   (>= 3.0) or a `display-message` line.
+//! - With `--attach` (inside the customer's own tmux) only the key bindings are installed; options
+//!   like the prefix and the status line of the customer's server are left alone.
+//! - The daemon publishes its state in the global user option `@linbit-status`; the status line shows it.
+
+use crate::cli::{Config, Mode};
+use crate::tmux::{Features, fmt_escape, quote, sh_quote};
+use std::path::Path;
+
+/// Height of the chat pane in rows (two pinned status rows, history, the prompt).
+pub const CHAT_HEIGHT: u32 = 8;
+/// The session name on the dedicated server.
+pub const SESSION: &str = "tunl";
+
+/// Arguments for `tmux` that fail when `prefix` is not a key tmux knows: run on a throwaway socket
+/// (`sock`) before writing the configuration. On failure the launcher prints
+/// `linbit-tunl: TUNL_PREFIX 'X' is not a tmux key; using C-b` on stderr and uses `C-b`.
+pub fn prefix_check_args(sock: &Path, prefix: &str) -> Vec<String> {
+    vec![
+        "-S".into(),
+        sock.to_string_lossy().into_owned(),
+        "-f".into(),
+        "/dev/null".into(),
+        "start-server".into(),
+        ";".into(),
+        "set-option".into(),
+        "-g".into(),
+        "prefix".into(),
+        prefix.into(),
+    ]
+}
+
+/// The prefix as the customer reads it: `C-b` -> `Ctrl-b`, `M-Space` -> `Alt-Space`, `^A` -> `Ctrl-a`.
+pub fn display_key(key: &str) -> String {
+    if let Some(rest) = key.strip_prefix('^') {
+        if rest.len() == 1 {
+            return format!("Ctrl-{}", rest.to_ascii_lowercase());
+        }
+    }
+    let mut out = String::new();
+    let mut k = key;
+    loop {
+        if let Some(r) = k.strip_prefix("C-") {
+            out.push_str("Ctrl-");
+            k = r;
+        } else if let Some(r) = k.strip_prefix("M-") {
+            out.push_str("Alt-");
+            k = r;
+        } else if let Some(r) = k.strip_prefix("S-") {
+            out.push_str("Shift-");
+            k = r;
+        } else {
+            break;
+        }
+    }
+    out.push_str(k);
+    out
+}
+
+/// The `run-shell` command that sends one control word to the daemon via `EXE __ctl DIR WORDS`.
+pub fn ctl_command(exe: &Path, dir: &Path, words: &[&str]) -> String {
+    let mut sh = format!("{} __ctl {}", sh_quote(&exe.to_string_lossy()), sh_quote(&dir.to_string_lossy()));
+    for w in words {
+        sh.push(' ');
+        sh.push_str(&sh_quote(w));
+    }
+    // run-shell expands formats in its argument: `#` must be doubled.
+    format!("run-shell -b {}", quote(&fmt_escape(&sh)))
+}
+
+/// The main menu entries: (label, key, action words or None for the focus toggle / layout).
+const MENU: [(&str, &str); 6] = [
+    ("Go to chat", "c"),
+    ("Reset layout", "L"),
+    ("Grant tunnel (pre-grant / unblock)", "u"),
+    ("Revoke tunnel", "U"),
+    ("Block tunnel requests", "X"),
+    ("End session for good", "Q"),
+];
+
+const TOGGLE_FOCUS: &str = "select-pane -t :.+";
+
+fn layout_now() -> String {
+    format!(
+        "set-window-option other-pane-height {CHAT_HEIGHT} ; set-window-option main-pane-height 1 ; select-layout main-horizontal"
+    )
+}
+
+/// The tmux command for a menu key (c, L, u, U, X, Q).
+fn action(key: &str, exe: &Path, dir: &Path) -> String {
+    match key {
+        "c" => TOGGLE_FOCUS.into(),
+        "L" => format!("{} ; {}", layout_now(), ctl_command(exe, dir, &["respawn"])),
+        "u" => ctl_command(exe, dir, &["grant"]),
+        "U" => ctl_command(exe, dir, &["revoke"]),
+        "X" => ctl_command(exe, dir, &["block"]),
+        _ => ctl_command(exe, dir, &["quit"]),
+    }
+}
+
+/// The command that opens the main menu.
+pub fn menu_command(exe: &Path, dir: &Path, f: &Features) -> String {
+    if f.menu {
+        let mut s = String::from("display-menu -T '#[align=centre]linbit-tunl' -x C -y C");
+        for (i, (label, key)) in MENU.iter().enumerate() {
+            if i == MENU.len() - 1 {
+                s.push_str(" ''"); // separator before the irreversible entry
+            }
+            s.push_str(&format!(" {} {} {}", quote(label), quote(key), quote(&action(key, exe, dir))));
+        }
+        s
+    } else if f.key_tables {
+        let keys: Vec<String> = MENU.iter().map(|(l, k)| format!("{k}={l}")).collect();
+        format!(
+            "switch-client -T linbit-menu ; display-message {}",
+            quote(&fmt_escape(&format!("linbit-tunl menu, press a key: {}", keys.join(", "))))
+        )
+    } else {
+        format!("display-message {}", quote(&fmt_escape(&cheat_sheet_line("C-b"))))
+    }
+}
+
+/// The cheat sheet as lines of plain text, rendering the active prefix.
+pub fn cheat_sheet(prefix: &str) -> Vec<String> {
+    let p = display_key(prefix);
+    [
+        ("Q", "End session for good"),
+        ("c", "Toggle focus chat <-> shell"),
+        ("C-c", "Same as c"),
+        ("u", "Pre-grant tunnel / unblock requests"),
+        ("U", "Revoke tunnel"),
+        ("X", "Block tunnel requests"),
+        ("L", "Reset pane layout"),
+        ("Enter", "Main menu (also F1)"),
+        ("?", "This cheat sheet"),
+        ("z", "Zoom the current pane"),
+    ]
+    .iter()
+    .map(|(k, what)| format!("{:<14} {what}", format!("{p} {}", display_key(k))))
+    .chain([
+        format!("{:<14} Respawn the shell (on a dead shell pane)", "Enter"),
+        format!("{:<14} End the session (on a dead shell pane)", "q"),
+        "/brb, /back    In the chat pane: pause / resume support's typing".to_string(),
+    ])
+    .collect()
+}
+
+fn cheat_sheet_line(prefix: &str) -> String {
+    let p = display_key(prefix);
+    format!("{p} Q end | {p} c chat/shell | {p} u grant | {p} U revoke | {p} X block | {p} L layout | F1 menu")
+}
+
+/// The command that shows the cheat sheet.
+pub fn cheat_sheet_command(prefix: &str, f: &Features) -> String {
+    if f.menu {
+        let mut s = String::from("display-menu -T '#[align=centre]linbit-tunl keys' -x C -y C --");
+        for line in cheat_sheet(prefix) {
+            // A leading '-' shows the line disabled: text only, nothing to choose.
+            s.push_str(&format!(" {} '' ''", quote(&format!("-{}", fmt_escape(&line)))));
+        }
+        s
+    } else {
+        format!("display-message {}", quote(&fmt_escape(&cheat_sheet_line(prefix))))
+    }
+}
+
+/// Our tmux configuration (`DIR/tmux.conf`). `cfg.prefix` must already be checked (`prefix_check_args`).
+pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
+    let mut c =
+        String::from("# linbit-tunl: generated for this session; the customer's ~/.tmux.conf does not apply.\n");
+    let line = |c: &mut String, s: &str| {
+        c.push_str(s);
+        c.push('\n');
+    };
+    let prefix = cfg.prefix.as_str();
+    if !cfg.attach {
+        line(&mut c, &format!("set-option -g prefix {}", quote(prefix)));
+        if prefix != "C-b" {
+            // The customer's own tmux inside the shell pane keeps Ctrl-b.
+            line(&mut c, "unbind-key C-b");
+            line(&mut c, &format!("bind-key {} send-prefix", quote(prefix)));
+        }
+        line(&mut c, "set-option -g history-limit 50000");
+        line(&mut c, "set-option -g escape-time 10");
+        line(&mut c, "set-option -g base-index 0");
+        if f.key_tables {
+            line(&mut c, "set-option -g mouse off");
+            line(&mut c, "set-option -g pane-base-index 0");
+        }
+        line(&mut c, "set-option -g status on");
+        line(&mut c, "set-option -g status-interval 0");
+        line(&mut c, "set-option -g status-left-length 60");
+        line(&mut c, "set-option -g status-right-length 100");
+        let mode = match cfg.mode {
+            Mode::Share => "share",
+            Mode::Restricted => "watch-only",
+            Mode::Tunnel => "tunnel",
+        };
+        let left = format!(" linbit-tunl {} [{mode}] ", cfg.session_id);
+        line(&mut c, &format!("set-option -g status-left {}", quote(&fmt_escape(&left))));
+        // `#{@linbit-status}` is set by the daemon; the rest is literal text.
+        let right = format!(" | prefix {p} | F1 menu | {p} ? help ", p = fmt_escape(&display_key(prefix)));
+        line(&mut c, &format!("set-option -g status-right {}", quote(&format!("#{{@linbit-status}}{right}"))));
+        // The window list would only show our hidden daemon window.
+        line(&mut c, "set-window-option -g window-status-format ''");
+        line(&mut c, "set-window-option -g window-status-current-format ''");
+        if let Ok(shell) = std::env::var("SHELL") {
+            if !shell.is_empty() && Path::new(&shell).is_absolute() {
+                line(&mut c, &format!("set-option -g default-shell {}", quote(&shell)));
+            }
+        }
+        if f.pane_border_status {
+            line(&mut c, "set-window-option -g pane-border-status top");
+            let label = if f.pane_options {
+                "#{?#{==:#{@linbit-role},chat},[CHAT],[SHELL]}"
+            } else {
+                "#{?pane_index,[CHAT],[SHELL]}"
+            };
+            let fmt = format!(" {label} {} ", fmt_escape(&format!("prefix {}", display_key(prefix))));
+            line(&mut c, &format!("set-window-option -g pane-border-format {}", quote(&fmt)));
+        }
+        if f.version >= (3, 3) {
+            line(
+                &mut c,
+                "set-window-option -g remain-on-exit-format 'Shell ended: press Enter to restart it, q to end the session'",
+            );
+        }
+    }
+    // Detaching would look like the end of the session to the launcher.
+    line(&mut c, "unbind-key d");
+    line(&mut c, "unbind-key D");
+    let bind = |c: &mut String, key: &str, cmd: &str| line(c, &format!("bind-key {} {}", quote(key), cmd));
+    bind(&mut c, "Q", &action("Q", exe, dir));
+    bind(&mut c, "c", TOGGLE_FOCUS);
+    bind(&mut c, "C-c", TOGGLE_FOCUS);
+    bind(&mut c, "u", &action("u", exe, dir));
+    bind(&mut c, "U", &action("U", exe, dir));
+    bind(&mut c, "X", &action("X", exe, dir));
+    bind(&mut c, "L", &action("L", exe, dir));
+    bind(&mut c, "C-l", &action("L", exe, dir));
+    bind(&mut c, "Enter", &menu_command(exe, dir, f));
+    bind(&mut c, "?", &cheat_sheet_command(prefix, f));
+    bind(&mut c, "z", "resize-pane -Z");
+    if f.key_tables {
+        line(&mut c, &format!("bind-key -n F1 {}", menu_command(exe, dir, f)));
+        for (_, key) in MENU {
+            line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), action(key, exe, dir)));
+        }
+        // Enter / q act on a dead shell pane only; otherwise the key goes to the pane unchanged.
+        let dead_shell = if f.pane_options { "#{&&:#{pane_dead},#{!=:#{@linbit-role},chat}}" } else { "#{pane_dead}" };
+        line(&mut c, "bind-key -n Enter if-shell -F '#{pane_dead}' 'respawn-pane' 'send-keys Enter'");
+        line(
+            &mut c,
+            &format!("bind-key -n q if-shell -F {} {} 'send-keys q'", quote(dead_shell), quote(&action("Q", exe, dir))),
+        );
+    }
+    c
+}
+
+/// Where the panes go: the dedicated server's session `tunl`, or (with `--attach`) a new window of
+/// the customer's current session.
+#[derive(Clone, Debug)]
+pub struct LayoutTarget {
+    /// `None` on the dedicated server; with `--attach` the customer's session name.
+    pub attach_session: Option<String>,
+    /// The window name for our panes (unique per session directory with `--attach`).
+    pub window: String,
+    /// `pane-base-index` of the server (0 on ours; the customer's may differ).
+    pub pane_base: u32,
+    /// Initial size of the dedicated session (the customer's terminal size).
+    pub width: u16,
+    pub height: u16,
+}
+
+impl LayoutTarget {
+    fn win(&self) -> String {
+        match &self.attach_session {
+            None => format!("{SESSION}:0"),
+            Some(s) => format!("={s}:{}", self.window),
+        }
+    }
+    fn pane(&self, i: u32) -> String {
+        format!("{}.{}", self.win(), self.pane_base + i)
+    }
+}
+
+fn v(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The shell command of the chat pane (one string: tmux runs it with `sh -c`).
+pub fn chat_command(exe: &Path, dir: &Path) -> String {
+    format!("exec {} __chat {}", sh_quote(&exe.to_string_lossy()), sh_quote(&dir.to_string_lossy()))
+}
+
+/// The shell command of the hidden daemon pane.
+pub fn daemon_command(exe: &Path, dir: &Path) -> String {
+    format!("exec {} __daemon {}", sh_quote(&exe.to_string_lossy()), sh_quote(&dir.to_string_lossy()))
+}
+
+/// The commands (argument vectors after `tmux -S SOCK [-f CONF]`) that build the layout, in order.
+/// The shell pane starts in `cwd` with the default shell (ours: `$SHELL`, else tmux's `/bin/sh`).
+pub fn layout_commands(t: &LayoutTarget, exe: &Path, dir: &Path, cwd: &Path, f: &Features) -> Vec<Vec<String>> {
+    let cwd = cwd.to_string_lossy().into_owned();
+    let (w, h) = (t.width.to_string(), t.height.to_string());
+    let mut cmds = Vec::new();
+    match &t.attach_session {
+        None => cmds.push(v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h, "-c", &cwd])),
+        Some(s) => cmds.push(v(&["new-window", "-d", "-t", &format!("={s}:"), "-n", &t.window, "-c", &cwd])),
+    }
+    let (shell, chat, daemon) = (t.pane(0), t.pane(1), t.pane(2));
+    let lines = CHAT_HEIGHT.to_string();
+    cmds.push(v(&["split-window", "-d", "-v", "-l", &lines, "-t", &shell, "-c", &cwd, &chat_command(exe, dir)]));
+    // The daemon pane is split off the chat pane (so it is index 2) and then broken out, hidden.
+    cmds.push(v(&["split-window", "-d", "-t", &chat, &daemon_command(exe, dir)]));
+    let mut brk = v(&["break-pane", "-d", "-s", &daemon]);
+    if f.version >= (2, 4) {
+        brk.extend(v(&["-n", "linbit-inner"]));
+    }
+    cmds.push(brk);
+    if f.pane_options {
+        cmds.push(v(&["set-option", "-p", "-t", &shell, "@linbit-role", "shell"]));
+        cmds.push(v(&["set-option", "-p", "-t", &chat, "@linbit-role", "chat"]));
+        cmds.push(v(&["set-option", "-p", "-t", &shell, "remain-on-exit", "on"]));
+    } else {
+        cmds.push(v(&["set-window-option", "-t", &t.win(), "remain-on-exit", "on"]));
+    }
+    cmds.push(v(&["set-window-option", "-t", &t.win(), "@linbit-role", "main"]));
+    // The broken-out window is the one named linbit-inner (or, on old tmux, the last one created).
+    let inner = match &t.attach_session {
+        None => format!("{SESSION}:1"),
+        Some(s) => format!("={s}:linbit-inner"),
+    };
+    cmds.push(v(&["set-window-option", "-t", &inner, "@linbit-role", "inner"]));
+    if f.pane_options {
+        cmds.push(v(&["set-option", "-p", "-t", &format!("{inner}.{}", t.pane_base), "@linbit-role", "inner"]));
+    }
+    cmds.push(v(&["select-window", "-t", &t.win()]));
+    cmds.push(v(&["select-pane", "-t", &shell]));
+    cmds
+}
+
+/// Commands (control-mode lines for the daemon) that rebuild the split for `L`: the existing shell pane
+/// stays, a dead chat pane is respawned, then the layout is re-applied. `shell`/`chat` are pane ids.
+pub fn reset_layout_commands(shell: u32, chat: Option<u32>, exe: &Path, dir: &Path) -> Vec<String> {
+    let mut cmds = Vec::new();
+    match chat {
+        Some(id) => cmds.push(format!("respawn-pane -t %{id}")), // fails harmlessly if it is alive
+        None => cmds.push(format!(
+            "split-window -d -v -l {CHAT_HEIGHT} -t %{shell} {}",
+            quote(&fmt_escape(&chat_command(exe, dir)))
+        )),
+    }
+    cmds.push(format!("set-window-option -t %{shell} other-pane-height {CHAT_HEIGHT}"));
+    cmds.push(format!("set-window-option -t %{shell} main-pane-height 1"));
+    cmds.push(format!("select-layout -t %{shell} main-horizontal"));
+    cmds
+}
+
+/// The Grant/Deny prompt for tunnel request `req` (a control-mode line). `from` must already be
+/// neutralised (no control characters); it is escaped here for tmux formats.
+pub fn upgrade_prompt_command(exe: &Path, dir: &Path, req: &str, from: &str, target: &str, f: &Features) -> String {
+    let grant = ctl_command(exe, dir, &["answer", req, "grant"]);
+    let deny = ctl_command(exe, dir, &["answer", req, "deny"]);
+    let who = fmt_escape(from);
+    let target = fmt_escape(target);
+    if f.menu {
+        format!(
+            "display-menu -T {} -x C -y C {} g {} {} d {}",
+            quote(&format!("#[align=centre]Support ({who}) asks for an SSH tunnel to {target}")),
+            quote("Grant"),
+            quote(&grant),
+            quote("Deny"),
+            quote(&deny)
+        )
+    } else {
+        // One key: y grants, anything else denies. The answer is passed through the shell as %1.
+        let sh = format!(
+            "case %1 in y|Y) w=grant;; *) w=deny;; esac; exec {} __ctl {} answer {} $w",
+            sh_quote(&exe.to_string_lossy()),
+            sh_quote(&dir.to_string_lossy()),
+            sh_quote(req)
+        );
+        format!(
+            "command-prompt -1 -p {} {}",
+            quote(&format!("Support ({who}) asks for an SSH tunnel to {target}. Grant? (y/n)")),
+            quote(&format!("run-shell -b {}", quote(&fmt_escape(&sh))))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn cfg(prefix: &str) -> Config {
+        let env = vec![("USER".to_string(), "root".to_string()), ("HOME".to_string(), "/root".to_string())];
+        match crate::cli::parse([std::ffi::OsString::from("swift-fox-jumps-barrel")], &env).unwrap() {
+            crate::cli::Action::Run(c) => Config { prefix: prefix.into(), ..*c },
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn keys_render() {
+        assert_eq!(display_key("C-b"), "Ctrl-b");
+        assert_eq!(display_key("M-Space"), "Alt-Space");
+        assert_eq!(display_key("C-M-a"), "Ctrl-Alt-a");
+        assert_eq!(display_key("^A"), "Ctrl-a");
+        assert_eq!(display_key("F12"), "F12");
+        assert!(cheat_sheet("C-a")[0].starts_with("Ctrl-a Q"));
+    }
+
+    /// The `run-shell` words survive tmux's parser, format expansion and the shell for awkward paths.
+    #[test]
+    fn real_tmux_runs_ctl_with_awkward_paths() {
+        if std::process::Command::new("tmux").arg("-V").output().is_err() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("tunl-ui-q-{}/it's #1 $HOME \\ ; \"x\"", std::process::id()));
+        let top = dir.parent().unwrap().to_path_buf();
+        let _ = std::fs::remove_dir_all(&top);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("rec");
+        std::fs::write(&exe, "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$0.out\"\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = top.join("s");
+        let conf = top.join("c.conf");
+        std::fs::write(&conf, format!("{}\n", ctl_command(&exe, &dir, &["answer", "r'1 #{x}", "grant"]))).unwrap();
+        let tmux = |args: &[&str]| std::process::Command::new("tmux").arg("-S").arg(&sock).args(args).status().unwrap();
+        assert!(tmux(&["-f", "/dev/null", "new-session", "-d", "sleep 30"]).success());
+        let ok = tmux(&["source-file", &conf.to_string_lossy()]).success();
+        let out = dir.join("rec.out");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_to_string(&out).is_ok_and(|s| s.ends_with("grant\n"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let got = std::fs::read_to_string(&out).unwrap_or_default();
+        tmux(&["kill-server"]);
+        let _ = std::fs::remove_dir_all(&top);
+        assert!(ok);
+        assert_eq!(got, format!("__ctl\n{}\nanswer\nr'1 #{{x}}\ngrant\n", dir.display()));
+    }
+
+    /// Load the generated configuration into a real tmux: every line must parse and run.
+    #[test]
+    fn real_tmux_accepts_conf_and_layout() {
+        let Ok(o) = std::process::Command::new("tmux").arg("-V").output() else { return };
+        let f = Features::from_version_output(&String::from_utf8_lossy(&o.stdout));
+        let dir = std::env::temp_dir().join(format!("tunl-ui-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        struct Kill(PathBuf);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("tmux")
+                    .arg("-S")
+                    .arg(self.0.join("s"))
+                    .arg("kill-server")
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _k = Kill(dir.clone());
+        let sock = dir.join("s");
+        let tmux =
+            |args: &[String]| std::process::Command::new("tmux").arg("-S").arg(&sock).args(args).output().unwrap();
+        // The prefix check: a bad key fails, a good one passes.
+        assert!(!tmux(&prefix_check_args(&dir.join("p"), "NoSuchKey")[2..]).status.success());
+        assert!(tmux(&prefix_check_args(&dir.join("p"), "C-a")[2..]).status.success());
+        let exe = Path::new("/bin/true");
+        let conf = dir.join("tmux.conf");
+        std::fs::write(&conf, tmux_conf(&cfg("C-a"), &dir, exe, &f)).unwrap();
+        let t = LayoutTarget { attach_session: None, window: "tunl".into(), pane_base: 0, width: 100, height: 30 };
+        let mut first = true;
+        for cmd in layout_commands(&t, Path::new("/bin/sh"), &dir, Path::new("/"), &f) {
+            let cmd: Vec<String> = cmd.into_iter().map(|a| a.replace("exec '/bin/sh' __", "exec sleep 60 #")).collect();
+            let mut args = Vec::new();
+            if first {
+                args.extend(["-f".to_string(), conf.to_string_lossy().into_owned()]);
+                first = false;
+            }
+            args.extend(cmd.iter().cloned());
+            let out = tmux(&args);
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // Every config line ran without error (source-file again reports errors).
+        let out = tmux(&["source-file".into(), conf.to_string_lossy().into_owned()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let panes =
+            tmux(&v(&["list-panes", "-a", "-F", "#{window_index}.#{pane_index} #{@linbit-role} #{window_name}"]));
+        let panes = String::from_utf8_lossy(&panes.stdout).into_owned();
+        assert_eq!(panes, "0.0 shell tunl\n0.1 chat tunl\n1.0 inner linbit-inner\n", "{panes}");
+        let prefix = tmux(&v(&["show-options", "-gv", "prefix"]));
+        assert_eq!(String::from_utf8_lossy(&prefix.stdout).trim(), "C-a");
+        // The menu, cheat sheet and upgrade prompt parse as tmux commands (bound to a key, not run).
+        for cmd in [
+            menu_command(exe, &dir, &f),
+            cheat_sheet_command("C-a", &f),
+            upgrade_prompt_command(exe, &dir, "r1", "Eve #{evil}", "localhost:22", &f),
+            upgrade_prompt_command(exe, &dir, "r1", "Eve", "localhost:22", &Features::from_version(Some((2, 9)))),
+        ] {
+            let line = format!("bind-key F5 {cmd}\n");
+            std::fs::write(dir.join("x.conf"), line).unwrap();
+            let out = tmux(&["source-file".into(), dir.join("x.conf").to_string_lossy().into_owned()]);
+            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
