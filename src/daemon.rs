@@ -90,6 +90,7 @@ struct TmuxSide {
     out_off: usize,
     pending: VecDeque<Pending>,
     shell: Option<u32>,
+    chat: Option<u32>,
     size: (u16, u16),
     features: tmux::Features,
     eof: bool,
@@ -193,6 +194,11 @@ impl Daemon {
             if self.tunnel.brb() { " | BRB: support keystrokes paused" } else { "" }
         );
         self.chat_send("S1", row.as_bytes());
+        if self.tmux.is_some() {
+            let brb = if self.tunnel.brb() { " | BRB" } else { "" };
+            let short = format!("relay {link} | viewers {} | tunnel {}{brb}", self.viewers, self.tunnel.state().wire());
+            self.tmux_cmd(&format!("set-option -g @linbit-status {}", tmux::quote(&short)), Pending::Ignore);
+        }
     }
 
     fn chat_send(&mut self, kind: &str, payload: &[u8]) {
@@ -343,7 +349,8 @@ impl Daemon {
         l.stderr_eof = eof;
         let mut rest = &buf[..];
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            let line = text::neutralize(&rest[..i], 2000);
+            let raw = &rest[..i];
+            let line = text::neutralize(raw.strip_suffix(b"\r").unwrap_or(raw), 2000);
             self.sshlog.line(&format!("ssh: {line}"));
             rest = &rest[i + 1..];
         }
@@ -514,10 +521,7 @@ impl Daemon {
     }
 
     fn list_panes(&mut self) {
-        self.tmux_cmd(
-            "list-panes -s -F '#{pane_id} #{pane_width} #{pane_height} #{@linbit-role}'",
-            Pending::Panes,
-        );
+        self.tmux_cmd("list-panes -s -F '#{pane_id} #{pane_width} #{pane_height} #{@linbit-role}'", Pending::Panes);
     }
 
     fn on_tmux_stdout(&mut self) {
@@ -586,9 +590,13 @@ impl Daemon {
             Pending::Ignore => {}
             Pending::Panes => {
                 let mut found = None;
+                let mut chat = None;
                 for line in &body {
                     let s = String::from_utf8_lossy(line);
                     let f: Vec<&str> = s.split(' ').collect();
+                    if f.len() >= 4 && f[3] == "chat" {
+                        chat = f[0].trim_start_matches('%').parse::<u32>().ok();
+                    }
                     if f.len() >= 4 && f[3] == "shell" {
                         let id = f[0].trim_start_matches('%').parse::<u32>().ok();
                         let w = f[1].parse::<u16>().ok();
@@ -598,8 +606,9 @@ impl Daemon {
                         }
                     }
                 }
-                let Some((id, w, h)) = found else { return };
                 let Some(t) = &mut self.tmux else { return };
+                t.chat = chat;
+                let Some((id, w, h)) = found else { return };
                 let first = t.shell.is_none();
                 let changed = t.size != (w, h);
                 t.shell = Some(id);
@@ -644,7 +653,11 @@ impl Daemon {
                     .and_then(|l| l.split(' ').next().map(str::to_string));
                 match client {
                     Some(c) => {
-                        let cmd = cmd_tail.replace("{CLIENT}", &tmux::quote(&c));
+                        let target = format!("-c {} ", tmux::quote(&c));
+                        let cmd = match cmd_tail.split_once(' ') {
+                            Some((verb, rest)) => format!("{verb} {target}{rest}"),
+                            None => cmd_tail,
+                        };
                         self.tmux_cmd(&cmd, Pending::Ignore);
                     }
                     None => self.log.line("no customer client attached to show the tunnel request"),
@@ -912,8 +925,13 @@ impl Daemon {
                 self.send_state();
             }
             ["respawn"] => {
-                if let Some(p) = self.tmux.as_ref().and_then(|t| t.shell) {
-                    self.tmux_cmd(&format!("respawn-pane -k -t %{p}"), Pending::Ignore);
+                // Ctrl-b L: tmux already re-applied the layout; bring back a chat pane that died.
+                if let Some((shell, chat)) = self.tmux.as_ref().and_then(|t| Some((t.shell?, t.chat))) {
+                    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
+                    for cmd in ui::reset_layout_commands(shell, chat, &exe, &self.dir.path) {
+                        self.tmux_cmd(&cmd, Pending::Ignore);
+                    }
+                    self.list_panes();
                 }
             }
             _ => self.log.line(&format!("ctl: unknown line dropped: {}", text::neutralize(line.as_bytes(), 80))),
@@ -1021,6 +1039,7 @@ impl Daemon {
             out_off: 0,
             pending: VecDeque::new(),
             shell: None,
+            chat: None,
             size: (80, 24),
             features,
             eof: false,
@@ -1121,11 +1140,22 @@ impl Daemon {
             self.link.as_ref().filter(|l| !l.stdout_eof).and_then(|l| l.p.stdout.as_ref()).map(|f| f.as_fd()),
             self.link.as_ref().filter(|l| !l.stderr_eof).and_then(|l| l.p.stderr.as_ref()).map(|f| f.as_fd()),
             self.link.as_ref().filter(|l| l.out_off < l.outq.len()).and_then(|l| l.p.stdin.as_ref()).map(|f| f.as_fd()),
-            self.tmux.as_ref().filter(|t| !t.eof && backlog < OUTQ_HIGH).and_then(|t| t.p.stdout.as_ref()).map(|f| f.as_fd()),
+            self.tmux
+                .as_ref()
+                .filter(|t| !t.eof && backlog < OUTQ_HIGH)
+                .and_then(|t| t.p.stdout.as_ref())
+                .map(|f| f.as_fd()),
             self.tmux.as_ref().filter(|t| t.out_off < t.outq.len()).and_then(|t| t.p.stdin.as_ref()).map(|f| f.as_fd()),
             self.ctl.as_ref().map(|f| f.as_fd()),
         );
-        let cands = [(&lo, Role::LinkOut, PollFlags::IN), (&le, Role::LinkErr, PollFlags::IN), (&li, Role::LinkIn, PollFlags::OUT), (&to, Role::TmuxOut, PollFlags::IN), (&ti, Role::TmuxIn, PollFlags::OUT), (&cf, Role::Ctl, PollFlags::IN)];
+        let cands = [
+            (&lo, Role::LinkOut, PollFlags::IN),
+            (&le, Role::LinkErr, PollFlags::IN),
+            (&li, Role::LinkIn, PollFlags::OUT),
+            (&to, Role::TmuxOut, PollFlags::IN),
+            (&ti, Role::TmuxIn, PollFlags::OUT),
+            (&cf, Role::Ctl, PollFlags::IN),
+        ];
         for (fd, role, flags) in cands.iter() {
             if let Some(fd) = fd {
                 fds.push(PollFd::from_borrowed_fd(*fd, *flags));

@@ -128,9 +128,6 @@ fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 
             return 1;
         }
     };
-    if let Err(e) = d.open_fifos() {
-        say(&e);
-    }
     let (end, connected) = d.run_to_end();
     let dir = d.into_dir();
     finish(&dir, end.status(), connected, debug, None)
@@ -170,9 +167,7 @@ fn checked_prefix(dir: &SessionDir, prefix: &str) -> String {
     }
     let sock = dir.file("prefix-check.sock");
     let ok = Command::new("tmux")
-        .arg("-S")
-        .arg(&sock)
-        .args(["-f", "/dev/null", "start-server", ";", "set-option", "-g", "prefix", prefix])
+        .args(ui::prefix_check_args(&sock, prefix))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -208,9 +203,16 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     if let Err(e) = sessiondir::write_private(&dir.file("tmux.conf"), conf.as_bytes(), 0o600) {
         return fail(&dir, &e);
     }
-    let (cols, rows) = terminal_size();
-    for args in ui::layout_commands(&cfg, &dir.path, &exe, &features, cols, rows) {
-        let out = tmux_cmd(&dir).args(&args).stdin(Stdio::null()).output();
+    let (width, height) = terminal_size();
+    let target = ui::LayoutTarget { attach_session: None, window: "main".into(), pane_base: 0, width, height };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    for (i, args) in ui::layout_commands(&target, &exe, &dir.path, &cwd, &features).into_iter().enumerate() {
+        let mut c = tmux_cmd(&dir);
+        if i == 0 {
+            c.arg("-f").arg(dir.file("tmux.conf"));
+        }
+        // Our own server: a TMUX inherited from the customer's tmux must not redirect anything.
+        let out = c.args(&args).env_remove("TMUX").stdin(Stdio::null()).output();
         match out {
             Ok(o) if o.status.success() => {}
             Ok(o) => {
@@ -246,7 +248,7 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
             signals::forward_to(pid);
         }
     }
-    let _ = tmux_cmd(&dir).args(["attach-session", "-t", "tunl"]).status();
+    let _ = tmux_cmd(&dir).args(["attach-session", "-t", ui::SESSION]).env_remove("TMUX").status();
     let (status, rec) = match wait_exit(&dir) {
         Some(x) => x,
         None => {

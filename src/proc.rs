@@ -33,9 +33,10 @@ pub fn spawn(cmd: &mut Command, setsid: bool) -> io::Result<Proc> {
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    for fd in [stdin.as_ref().map(|f| f.as_fd()), stdout.as_ref().map(|f| f.as_fd()), stderr.as_ref().map(|f| f.as_fd())]
-        .into_iter()
-        .flatten()
+    for fd in
+        [stdin.as_ref().map(|f| f.as_fd()), stdout.as_ref().map(|f| f.as_fd()), stderr.as_ref().map(|f| f.as_fd())]
+            .into_iter()
+            .flatten()
     {
         set_nonblocking(fd)?;
     }
@@ -141,8 +142,9 @@ mod tests {
 
     #[test]
     fn collects_output_and_status() {
-        let f = run_with_timeout(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(5))
-            .unwrap();
+        let f =
+            run_with_timeout(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(5))
+                .unwrap();
         assert_eq!(f.stdout, b"out\n");
         assert_eq!(f.stderr, b"err\n");
         assert_eq!(f.status.unwrap().code(), Some(3));

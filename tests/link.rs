@@ -99,7 +99,7 @@ fn keyboard_interactive_with_the_session_id_and_with_the_token() {
     let id = unique_id("kisid");
     relay.register(&id, None);
     let mut fg = Foreground::start(&relay, &id, &["--tunnel"], &[], &scratch);
-    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session: {}", fg.stderr_text()));
+    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session: {}", fg.diag()));
     assert_eq!(conn.hello_field("id"), Some(id.as_str()));
     conn.welcome(0);
     assert!(conn.wait_verb(secs(10), "STATE").is_some());
@@ -111,7 +111,7 @@ fn keyboard_interactive_with_the_session_id_and_with_the_token() {
     let id2 = unique_id("kitok");
     relay.register(&id2, Some("135790"));
     let mut fg2 = Foreground::start(&relay, &id2, &["--tunnel", "--token", "135790"], &[], &scratch);
-    let mut conn2 = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session: {}", fg2.stderr_text()));
+    let mut conn2 = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session: {}", fg2.diag()));
     conn2.welcome(0);
     assert!(conn2.wait_verb(secs(10), "STATE").is_some());
     assert!(fg2.stderr_text().contains("unreachable"), "{}", fg2.stderr_text());
@@ -162,7 +162,7 @@ fn forged_certificates_are_refused_before_connecting() {
     for (mode, needle) in [
         (SignMode::OtherCa, "CA"),
         (SignMode::OtherKey, "key"),
-        (SignMode::Expired, "valid"),
+        (SignMode::Expired, "expired"),
         (SignMode::WrongPrincipal, "principal"),
         (SignMode::GarbageCert, "certificate"),
     ] {
@@ -269,7 +269,14 @@ fn idle_session_does_not_busy_wait() {
     };
     let switches = |pid: u32| -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines().find(|l| l.starts_with("voluntary_ctxt_switches")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+        s.lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let (t0, s0) = (ticks(pid), switches(pid));
     // 60 s of an idle session: the client's only traffic is its heartbeat.

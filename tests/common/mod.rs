@@ -77,9 +77,9 @@ pub fn path_without_tmux(scratch: &Scratch) -> String {
 }
 
 pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| {
-        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-    })
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
 /// The client in the foreground (`--tunnel` without tmux), its stderr collected as it comes.
@@ -150,6 +150,11 @@ impl Foreground {
 
     pub fn signal(&self, sig: &str) {
         Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+    }
+
+    /// Everything that explains a failure: the client's stderr and the session's ssh.log.
+    pub fn diag(&self) -> String {
+        format!("stderr:\n{}\nssh.log:\n{}", self.stderr_text(), self.ssh_log())
     }
 
     pub fn ssh_log(&self) -> String {
