@@ -9,7 +9,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::event::{PollFd, PollFlags, poll};
 use rustix::fs::{Mode, OFlags, open};
 use rustix::io::Errno;
 use std::os::fd::OwnedFd;
@@ -295,24 +295,35 @@ pub fn run(dir: &Path) -> i32 {
     let mut fifo_buf: Vec<u8> = Vec::new();
     let mut skipping = false;
     let mut inbuf = [0u8; 4096];
-    let timeout = Timespec { tv_sec: 0, tv_nsec: 500_000_000 };
+    // Resizes arrive as SIGWINCH; nothing else wakes this pane, so an idle chat costs nothing.
+    let sig = crate::signals::SignalPipe::install().ok();
     loop {
         let mut fds = vec![PollFd::new(&stdin, PollFlags::IN)];
         if let Some((r, _)) = &fifo {
             fds.push(PollFd::new(r, PollFlags::IN));
         }
-        match poll(&mut fds, Some(&timeout)) {
+        if let Some(sp) = &sig {
+            fds.push(PollFd::from_borrowed_fd(sp.fd(), PollFlags::IN));
+        }
+        match poll(&mut fds, None) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
         let stdin_ev = fds[0].revents();
-        let fifo_ev = fds.get(1).map(|f| f.revents()).unwrap_or(PollFlags::empty());
+        let fifo_ev = if fifo.is_some() { fds[1].revents() } else { PollFlags::empty() };
+        let sig_ev = fds.last().map(|f| f.revents()).unwrap_or(PollFlags::empty());
         drop(fds);
-        if let Some((r, c)) = size() {
-            if (r, c) != (sc.rows, sc.cols) && r > 0 && c > 0 {
-                (sc.rows, sc.cols) = (r, c);
-                write_all(&sc.full());
+        if let (Some(sp), false) = (&sig, sig_ev.is_empty()) {
+            let sigs = sp.drain();
+            if sigs.iter().any(|&s| s != crate::signals::SIGWINCH && s != crate::signals::SIGCHLD) {
+                break;
             }
+            // tmux resets the pane's scroll region on every resize, even one that ends at the
+            // same size, so redraw whenever it says the size changed.
+            if let Some((r, c)) = size().filter(|&(r, c)| r > 0 && c > 0) {
+                (sc.rows, sc.cols) = (r, c);
+            }
+            write_all(&sc.full());
         }
         if stdin_ev.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
             match rustix::io::read(stdin, &mut inbuf) {

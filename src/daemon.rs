@@ -625,6 +625,10 @@ impl Daemon {
                 }
                 if first {
                     self.start_recording(w, h);
+                    if self.link.is_none() && !self.ever_welcomed && self.end.is_none() {
+                        self.retry_at = None;
+                        self.connect();
+                    }
                 }
             }
             Pending::Snap => {
@@ -1064,7 +1068,13 @@ impl Daemon {
 
     /// Run until the session ends; returns how, and whether the relay ever welcomed us.
     pub fn run_to_end(&mut self) -> (End, bool) {
-        self.connect();
+        if self.tmux.is_some() {
+            // Connect once the shell pane is known, so the hello carries its real size; the timer
+            // is a fallback should tmux never answer.
+            self.retry_at = Some(Instant::now() + Duration::from_secs(5));
+        } else {
+            self.connect();
+        }
         self.status_row();
         while self.end.is_none() {
             self.step();

@@ -113,6 +113,13 @@ fn action(key: &str, exe: &Path, dir: &Path) -> String {
     }
 }
 
+/// A command sequence as the body of a `bind-key` in the configuration file: there a bare ` ; ` would
+/// end the `bind-key` itself and run the rest at load time, so the separators are escaped. A
+/// `display-menu` carries its sequences inside quoted arguments and stays as it is.
+fn bound(cmd: &str) -> String {
+    if cmd.starts_with("display-menu") { cmd.to_string() } else { cmd.replace(" ; ", " \\; ") }
+}
+
 /// The command that opens the main menu.
 pub fn menu_command(exe: &Path, dir: &Path, f: &Features) -> String {
     if f.menu {
@@ -244,7 +251,7 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
     // Detaching would look like the end of the session to the launcher.
     line(&mut c, "unbind-key d");
     line(&mut c, "unbind-key D");
-    let bind = |c: &mut String, key: &str, cmd: &str| line(c, &format!("bind-key {} {}", quote(key), cmd));
+    let bind = |c: &mut String, key: &str, cmd: &str| line(c, &format!("bind-key {} {}", quote(key), bound(cmd)));
     bind(&mut c, "Q", &action("Q", exe, dir));
     bind(&mut c, "c", TOGGLE_FOCUS);
     bind(&mut c, "C-c", TOGGLE_FOCUS);
@@ -257,9 +264,9 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
     bind(&mut c, "?", &cheat_sheet_command(prefix, f));
     bind(&mut c, "z", "resize-pane -Z");
     if f.key_tables {
-        line(&mut c, &format!("bind-key -n F1 {}", menu_command(exe, dir, f)));
+        line(&mut c, &format!("bind-key -n F1 {}", bound(&menu_command(exe, dir, f))));
         for (_, key) in MENU {
-            line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), action(key, exe, dir)));
+            line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), bound(&action(key, exe, dir))));
         }
         // Enter / q act on a dead shell pane only; otherwise the key goes to the pane unchanged.
         let dead_shell = if f.pane_options { "#{&&:#{pane_dead},#{!=:#{@linbit-role},chat}}" } else { "#{pane_dead}" };
