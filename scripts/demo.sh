@@ -35,7 +35,7 @@ MSG
 sleep 2
 # shellcheck disable=SC1091
 source "$D/env"
-export TUNL_AUTHKEYS_FILE=$D/authorized_keys TUNL_RECORDING_DIR=$D USER=${USER:-$(id -un)}
+export TUNL_AUTHKEYS_FILE=$D/authorized_keys USER=${USER:-$(id -un)}
 status=0
 "$BIN/linbit-tunl" --token "$TOKEN" "$SESSION" || status=$?
 echo "demo: linbit-tunl exited with status $status"

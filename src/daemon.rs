@@ -109,6 +109,7 @@ pub struct Daemon {
     ever_welcomed: bool,
     attempts: u32,
     retry_at: Option<Instant>,
+    panes_retry_at: Option<Instant>,
     ping_n: u64,
     tmux: Option<TmuxSide>,
     ctl: Option<OwnedFd>,
@@ -149,6 +150,7 @@ impl Daemon {
             ever_welcomed: false,
             attempts: 0,
             retry_at: None,
+            panes_retry_at: None,
             ping_n: 0,
             tmux: None,
             ctl: None,
@@ -608,7 +610,13 @@ impl Daemon {
                 }
                 let Some(t) = &mut self.tmux else { return };
                 t.chat = chat;
-                let Some((id, w, h)) = found else { return };
+                let Some((id, w, h)) = found else {
+                    // The launcher may still be tagging the panes: ask again shortly.
+                    if t.shell.is_none() {
+                        self.panes_retry_at = Some(Instant::now() + Duration::from_millis(50));
+                    }
+                    return;
+                };
                 let first = t.shell.is_none();
                 let changed = t.size != (w, h);
                 t.shell = Some(id);
@@ -1093,6 +1101,9 @@ impl Daemon {
         if let Some(r) = self.retry_at {
             at(r);
         }
+        if let Some(r) = self.panes_retry_at {
+            at(r);
+        }
         if let Some(l) = &self.link {
             match self.state {
                 LinkState::Up => {
@@ -1108,6 +1119,10 @@ impl Daemon {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        if self.panes_retry_at.is_some_and(|r| now >= r) {
+            self.panes_retry_at = None;
+            self.list_panes();
+        }
         if let Some(r) = self.retry_at {
             if now >= r {
                 self.retry_at = None;
