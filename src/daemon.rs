@@ -547,22 +547,19 @@ impl Daemon {
     fn on_tmux_event(&mut self, ev: tmux::Event) {
         match ev {
             tmux::Event::Output { pane, data } => {
-                if Some(pane) == self.tmux.as_ref().and_then(|t| t.shell) {
-                    if let Some(r) = &mut self.rec {
-                        if r.output(&data).is_err() {
-                            self.log.line("recording stopped: write failed");
-                            self.rec = None;
-                        }
-                    }
-                    if let Some(o) = self.out() {
-                        protocol::push_o(o, &data);
-                    }
+                if Some(pane) != self.tmux.as_ref().and_then(|t| t.shell) {
+                    return;
+                }
+                if self.rec.as_mut().is_some_and(|r| r.output(&data).is_err()) {
+                    self.log.line("recording stopped: write failed");
+                    self.rec = None;
+                }
+                if let Some(o) = self.out() {
+                    protocol::push_o(o, &data);
                 }
             }
-            tmux::Event::End { flags, body, .. } | tmux::Event::Error { flags, body, .. } if flags & 1 == 0 => {
-                // Replies to the command on tmux's own command line, not to lines we wrote.
-                let _ = body;
-            }
+            // Replies to the command on tmux's own command line, not to lines we wrote.
+            tmux::Event::End { flags, .. } | tmux::Event::Error { flags, .. } if flags & 1 == 0 => {}
             ev @ (tmux::Event::End { .. } | tmux::Event::Error { .. }) => {
                 let (ok, body) = match ev {
                     tmux::Event::End { body, .. } => (true, body),
@@ -578,11 +575,7 @@ impl Daemon {
                 self.on_tmux_reply(pending, body);
             }
             tmux::Event::LayoutChange { .. } => self.list_panes(),
-            tmux::Event::Exit(_) => {
-                if self.end.is_none() {
-                    self.begin_end(End::TmuxGone);
-                }
-            }
+            tmux::Event::Exit(_) => self.begin_end(End::TmuxGone),
             _ => {}
         }
     }
@@ -767,7 +760,7 @@ impl Daemon {
 
     fn popup(&mut self, req: &str, from: &str) {
         let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
-        let Some(features) = self.tmux.as_ref().map(|t| t.features.clone()) else {
+        let Some(features) = self.tmux.as_ref().map(|t| t.features) else {
             // No terminal to ask on (foreground --tunnel after a revoke): nobody can say yes.
             self.tell(&format!("tunnel request from {from} denied: no terminal to confirm it on"));
             let fx = self.tunnel.answer(req, false);
@@ -999,6 +992,10 @@ impl Daemon {
                 }
                 let _ = rustix::event::poll(&mut [], Some(&ts(Duration::from_millis(20))));
             }
+            if !matches!(l.p.child.try_wait(), Ok(Some(_))) {
+                // Ask the master to go through its own socket before resorting to a signal.
+                let _ = proc::run_with_timeout(&mut ssh::exit_command(&self.dir.path), Duration::from_secs(1));
+            }
             let _ = l.p.child.kill();
             let _ = l.p.child.wait();
         }
@@ -1031,10 +1028,6 @@ impl Daemon {
                 let _ = rustix::event::poll(&mut pfd, Some(&ts(Duration::from_millis(50))));
             }
         }
-    }
-
-    pub fn recording_path(&self) -> Option<PathBuf> {
-        self.rec_path.clone()
     }
 
     // ---- the loop -------------------------------------------------------------------------------
@@ -1154,37 +1147,41 @@ impl Daemon {
         let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(&sigfd, PollFlags::IN)];
         let mut roles: Vec<Role> = vec![Role::Signal];
         let backlog = self.link.as_ref().map(|l| l.outq.len() - l.out_off).unwrap_or(0);
-        let (lo, le, li, to, ti, cf): (
-            Option<BorrowedFd<'_>>,
-            Option<BorrowedFd<'_>>,
-            Option<BorrowedFd<'_>>,
-            Option<BorrowedFd<'_>>,
-            Option<BorrowedFd<'_>>,
-            Option<BorrowedFd<'_>>,
-        ) = (
-            self.link.as_ref().filter(|l| !l.stdout_eof).and_then(|l| l.p.stdout.as_ref()).map(|f| f.as_fd()),
-            self.link.as_ref().filter(|l| !l.stderr_eof).and_then(|l| l.p.stderr.as_ref()).map(|f| f.as_fd()),
-            self.link.as_ref().filter(|l| l.out_off < l.outq.len()).and_then(|l| l.p.stdin.as_ref()).map(|f| f.as_fd()),
-            self.tmux
-                .as_ref()
-                .filter(|t| !t.eof && backlog < OUTQ_HIGH)
-                .and_then(|t| t.p.stdout.as_ref())
-                .map(|f| f.as_fd()),
-            self.tmux.as_ref().filter(|t| t.out_off < t.outq.len()).and_then(|t| t.p.stdin.as_ref()).map(|f| f.as_fd()),
-            self.ctl.as_ref().map(|f| f.as_fd()),
-        );
-        let cands = [
-            (&lo, Role::LinkOut, PollFlags::IN),
-            (&le, Role::LinkErr, PollFlags::IN),
-            (&li, Role::LinkIn, PollFlags::OUT),
-            (&to, Role::TmuxOut, PollFlags::IN),
-            (&ti, Role::TmuxIn, PollFlags::OUT),
-            (&cf, Role::Ctl, PollFlags::IN),
+        let link = self.link.as_ref();
+        let tmux = self.tmux.as_ref();
+        let cands: [(Option<BorrowedFd<'_>>, Role, PollFlags); 6] = [
+            (
+                link.filter(|l| !l.stdout_eof).and_then(|l| l.p.stdout.as_ref()).map(|f| f.as_fd()),
+                Role::LinkOut,
+                PollFlags::IN,
+            ),
+            (
+                link.filter(|l| !l.stderr_eof).and_then(|l| l.p.stderr.as_ref()).map(|f| f.as_fd()),
+                Role::LinkErr,
+                PollFlags::IN,
+            ),
+            (
+                link.filter(|l| l.out_off < l.outq.len()).and_then(|l| l.p.stdin.as_ref()).map(|f| f.as_fd()),
+                Role::LinkIn,
+                PollFlags::OUT,
+            ),
+            // A full queue towards the relay stops us reading the pane: backpressure, not memory.
+            (
+                tmux.filter(|t| !t.eof && backlog < OUTQ_HIGH).and_then(|t| t.p.stdout.as_ref()).map(|f| f.as_fd()),
+                Role::TmuxOut,
+                PollFlags::IN,
+            ),
+            (
+                tmux.filter(|t| t.out_off < t.outq.len()).and_then(|t| t.p.stdin.as_ref()).map(|f| f.as_fd()),
+                Role::TmuxIn,
+                PollFlags::OUT,
+            ),
+            (self.ctl.as_ref().map(|f| f.as_fd()), Role::Ctl, PollFlags::IN),
         ];
-        for (fd, role, flags) in cands.iter() {
+        for (fd, role, flags) in cands {
             if let Some(fd) = fd {
-                fds.push(PollFd::from_borrowed_fd(*fd, *flags));
-                roles.push(*role);
+                fds.push(PollFd::from_borrowed_fd(fd, flags));
+                roles.push(role);
             }
         }
         let t = timeout.map(ts);
@@ -1310,8 +1307,7 @@ fn last_ssh_error(path: &std::path::Path) -> Option<String> {
     ];
     text.lines()
         .filter(|l| l.contains(" ssh: "))
-        .filter(|l| keys.iter().any(|k| l.contains(k)))
-        .last()
+        .rfind(|l| keys.iter().any(|k| l.contains(k)))
         .map(|l| l.split_once(" ssh: ").map(|x| x.1).unwrap_or(l).to_string())
 }
 

@@ -587,6 +587,7 @@ impl LineSplitter {
     }
 
     /// Bytes currently buffered (for tests and diagnostics).
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
     }

@@ -153,11 +153,6 @@ impl Log {
         Log { file }
     }
 
-    /// A log that discards (before the directory exists).
-    pub fn none() -> Log {
-        Log { file: None }
-    }
-
     pub fn line(&mut self, msg: &str) {
         if let Some(f) = &mut self.file {
             let mut s = timestamp_now();

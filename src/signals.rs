@@ -119,17 +119,8 @@ pub fn reset_in_child() {
     }
 }
 
-/// Send a signal to a process we started.
-pub fn kill(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
 pub const SIGINT: i32 = libc::SIGINT;
 pub const SIGTERM: i32 = libc::SIGTERM;
 pub const SIGHUP: i32 = libc::SIGHUP;
 pub const SIGCHLD: i32 = libc::SIGCHLD;
 pub const SIGWINCH: i32 = libc::SIGWINCH;
-pub const SIGKILL: i32 = libc::SIGKILL;

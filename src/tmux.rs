@@ -107,6 +107,7 @@ impl ControlParser {
     }
 
     /// Bytes buffered but not yet parsed (an incomplete line).
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.buf.len() - self.pos
     }

@@ -103,6 +103,7 @@ impl Tunnel {
     pub fn brb(&self) -> bool {
         self.brb
     }
+    #[cfg(test)]
     pub fn forward_open(&self) -> bool {
         self.forward_open
     }
