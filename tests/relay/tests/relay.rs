@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tunl_relay::util::{TempDir, wait_until};
-use tunl_relay::{Relay, RelayOpts, SignMode, SupportKey, TargetSshd, line_field, support_login};
+use tunl_relay::{Relay, RelayOpts, SignMode, SupportKey, TargetSshd, support_login};
 
 const SID: &str = "alpha-bravo-charlie-delta";
 
@@ -233,7 +233,6 @@ fn control_master_remote_forward_and_support_login() {
     let out = fwd("cancel");
     assert!(out.status.success(), "{out:?}");
     assert!(wait_until(soon(10), || !tunl_relay::util::port_open(port)));
-    let _ = line_field; // helper re-exported for protocol tests
 }
 
 #[test]
