@@ -214,6 +214,7 @@ impl Relay {
                 format!(
                     "# linbit-tunl test relay {} (removed when the relay stops)\n\
                      auth required pam_exec.so expose_authtok quiet {} pam-check {}\n\
+                     auth optional pam_permit.so\n\
                      account required pam_permit.so\n\
                      session required pam_permit.so\n",
                     d.display(),

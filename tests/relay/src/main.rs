@@ -82,6 +82,10 @@ fn shim(sock: &str) -> u8 {
 /// Reads the keyboard-interactive answer (pam_exec `expose_authtok`: the secret then a NUL) from stdin
 /// and accepts it (exit 0) only if DIR holds a file named by its lowercase hex.
 fn pam_check(dir: &Path) -> u8 {
+    // pam_exec also runs for pam_setcred (no secret then): nothing to set, accept.
+    if std::env::var("PAM_TYPE").is_ok_and(|t| t != "auth") {
+        return 0;
+    }
     let mut secret = Vec::new();
     if io::stdin().take(4096).read_to_end(&mut secret).is_err() {
         return 1;
