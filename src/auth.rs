@@ -469,7 +469,7 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn tmpdir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("linbit-tunl-test-auth-{}-{name}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("tunl-auth-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -423,8 +423,11 @@ mod tests {
     struct TmpDir(std::path::PathBuf);
     impl TmpDir {
         fn new(tag: &str) -> TmpDir {
-            let p =
-                std::env::temp_dir().join(format!("linbit-tunl-test-{tag}-{}-{}", std::process::id(), random_suffix()));
+            let p = std::env::temp_dir().join(format!(
+                "tunl-authkeys-test-{tag}-{}-{}",
+                std::process::id(),
+                random_suffix()
+            ));
             std::fs::create_dir(&p).unwrap();
             TmpDir(p)
         }

@@ -61,6 +61,8 @@ pub struct Config {
     pub prefix: String,
     /// Where the asciinema recording goes; `None` means the manual's three locations in order.
     pub recording_dir: Option<PathBuf>,
+    /// With `--attach`: the socket of the customer's tmux server (from `$TMUX`).
+    pub tmux_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -343,6 +345,18 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
     };
     let prefix = env_or(env, "TUNL_PREFIX", "C-b").to_string();
     let recording_dir = getenv(env, "TUNL_RECORDING_DIR").filter(|v| !v.is_empty()).map(PathBuf::from);
+    // $TMUX is "SOCKET,PID,SESSION". Inside a linbit-tunl session, --attach is implied.
+    let tmux_socket =
+        getenv(env, "TMUX").and_then(|t| t.split(',').next()).filter(|s| !s.is_empty()).map(PathBuf::from);
+    let inside_tunl = tmux_socket.as_ref().is_some_and(|s| {
+        s.file_name().is_some_and(|n| n == "tmux.sock")
+            && s.parent().and_then(|p| p.file_name()).is_some_and(|n| n.to_string_lossy().starts_with("linbit-tunl-"))
+    });
+    let attach = attach || inside_tunl;
+    if attach && tmux_socket.is_none() {
+        return err("--attach works only inside a tmux session ($TMUX is not set)");
+    }
+    let tmux_socket = if attach { tmux_socket } else { None };
     let mode = if restricted {
         Mode::Restricted
     } else if tunnel {
@@ -369,6 +383,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
         compress,
         prefix,
         recording_dir,
+        tmux_socket,
     })))
 }
 
@@ -420,6 +435,7 @@ impl Config {
             "recording_dir",
             &self.recording_dir.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
         );
+        put("tmux_socket", &self.tmux_socket.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default());
         s
     }
 
@@ -450,6 +466,7 @@ impl Config {
             compress: get("compress")? == "1",
             prefix: get("prefix")?,
             recording_dir: Some(get("recording_dir")?).filter(|p| !p.is_empty()).map(PathBuf::from),
+            tmux_socket: Some(get("tmux_socket")?).filter(|p| !p.is_empty()).map(PathBuf::from),
         })
     }
 }
@@ -571,6 +588,26 @@ mod tests {
             e.push((k.into(), v.into()));
             assert!(parse([OsString::from("swift-fox-jumps-barrel")], &e).is_err(), "{k}={v}");
         }
+    }
+
+    #[test]
+    fn attach_needs_tmux_and_is_implied_inside_a_session() {
+        assert!(run(&["--attach", "swift-fox-jumps-barrel"]).is_err());
+        let with_tmux = |tmux: &str, args: &[&str]| -> Config {
+            let mut e = env();
+            e.push(("TMUX".into(), tmux.into()));
+            match parse(args.iter().map(OsString::from), &e).unwrap() {
+                Action::Run(c) => *c,
+                _ => unreachable!(),
+            }
+        };
+        let c = with_tmux("/tmp/tmux-0/default,123,0", &["--attach", "swift-fox-jumps-barrel"]);
+        assert!(c.attach);
+        assert_eq!(c.tmux_socket, Some(PathBuf::from("/tmp/tmux-0/default")));
+        let plain = with_tmux("/tmp/tmux-0/default,123,0", &["swift-fox-jumps-barrel"]);
+        assert!(!plain.attach && plain.tmux_socket.is_none(), "an ordinary tmux does not imply --attach");
+        let inside = with_tmux("/tmp/linbit-tunl-0123456789ab/tmux.sock,99,0", &["swift-fox-jumps-barrel"]);
+        assert!(inside.attach, "inside a linbit-tunl session --attach is automatic");
     }
 
     #[test]

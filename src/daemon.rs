@@ -1033,9 +1033,19 @@ impl Daemon {
     // ---- the loop -------------------------------------------------------------------------------
 
     /// Attach the tmux control client (share modes).
-    pub fn attach_tmux(&mut self, features: tmux::Features) -> Result<(), String> {
+    pub fn attach_tmux(
+        &mut self,
+        sock: &std::path::Path,
+        session: &str,
+        features: tmux::Features,
+    ) -> Result<(), String> {
         let mut cmd = Command::new("tmux");
-        cmd.arg("-S").arg(self.dir.file("tmux.sock")).args(["-C", "attach-session", "-t", "tunl"]);
+        cmd.arg("-S").arg(sock).env_remove("TMUX").args(["-C", "attach-session"]);
+        if features.ignore_size {
+            // A control client has no screen: it must never shrink the customer's windows.
+            cmd.args(["-f", "ignore-size"]);
+        }
+        cmd.args(["-t", &format!("={session}")]);
         let p = proc::spawn(&mut cmd, false).map_err(|e| format!("cannot start the tmux control client: {e}"))?;
         let t = TmuxSide {
             p,

@@ -147,11 +147,26 @@ fn finish(dir: &SessionDir, status: u8, connected: bool, debug: bool, rec: Optio
     status
 }
 
-fn tmux_cmd(dir: &SessionDir) -> Command {
+/// The tmux server a session lives on: our dedicated one, or the customer's with `--attach`.
+fn tmux_sock(cfg: &Config, dir: &SessionDir) -> PathBuf {
+    cfg.tmux_socket.clone().unwrap_or_else(|| dir.file("tmux.sock"))
+}
+
+fn tmux_at(sock: &Path) -> Command {
     let mut c = Command::new("tmux");
-    c.arg("-S").arg(dir.file("tmux.sock"));
+    // A TMUX inherited from the customer's tmux must never redirect our commands.
+    c.arg("-S").arg(sock).env_remove("TMUX").stdin(Stdio::null());
     c
 }
+
+/// Run one tmux command and return its trimmed output.
+fn tmux_query(sock: &Path, args: &[&str]) -> Option<String> {
+    let o = tmux_at(sock).args(args).output().ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// The window that holds our panes inside the customer's session (`--attach`).
+pub const ATTACH_WINDOW: &str = "linbit-tunl";
 
 fn terminal_size() -> (u16, u16) {
     match rustix::termios::tcgetwinsize(rustix::stdio::stdout()) {
@@ -168,6 +183,7 @@ fn checked_prefix(dir: &SessionDir, prefix: &str) -> String {
     let sock = dir.file("prefix-check.sock");
     let ok = Command::new("tmux")
         .args(ui::prefix_check_args(&sock, prefix))
+        .env_remove("TMUX")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -188,38 +204,99 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
     let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
     let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
-    cfg.prefix = checked_prefix(&dir, &cfg.prefix);
-    let fail = |dir: &SessionDir, msg: &str| -> u8 {
+    let sock = tmux_sock(&cfg, &dir);
+    let attach = cfg.tmux_socket.is_some();
+    cfg.prefix = if attach { "C-b".to_string() } else { checked_prefix(&dir, &cfg.prefix) };
+    let session = if attach {
+        // The session the customer runs us from; prefix and options are theirs, so read them.
+        // $TMUX_PANE names the pane we run in; without it tmux guesses the most recent session.
+        let pane = std::env::var("TMUX_PANE").unwrap_or_default();
+        let mut q = vec!["display-message", "-p"];
+        if !pane.is_empty() {
+            q.extend(["-t", pane.as_str()]);
+        }
+        q.push("#{session_name}");
+        match tmux_query(&sock, &q) {
+            Some(s) if !s.is_empty() => s,
+            _ => {
+                say("--attach: cannot find the current tmux session");
+                return 1;
+            }
+        }
+    } else {
+        ui::SESSION.to_string()
+    };
+    let end_tmux = |sock: &Path| {
+        if attach {
+            let _ = tmux_at(sock).args(["source-file"]).arg(dir.file("keys.restore")).stderr(Stdio::null()).status();
+            for w in [ATTACH_WINDOW, "linbit-inner"] {
+                let target = format!("={session}:{w}");
+                let _ = tmux_at(sock).args(["kill-window", "-t", &target]).stderr(Stdio::null()).status();
+            }
+        } else {
+            let _ = tmux_at(sock).arg("kill-server").stderr(Stdio::null()).status();
+        }
+    };
+    let fail = |msg: &str| -> u8 {
         say(msg);
-        let _ = tmux_cmd(dir).arg("kill-server").stderr(Stdio::null()).status();
+        end_tmux(&sock);
         1
     };
     for f in ["chat.fifo", "ctl.fifo"] {
         if let Err(e) = sessiondir::make_fifo(&dir.file(f)) {
-            return fail(&dir, &e);
+            return fail(&e);
+        }
+    }
+    if attach {
+        if let Some(p) = tmux_query(&sock, &["show-options", "-gv", "prefix"]) {
+            cfg.prefix = p;
+        }
+        if let Err(e) = save_bindings(&sock, &dir) {
+            return fail(&e);
         }
     }
     let conf = ui::tmux_conf(&cfg, &dir.path, &exe, &features);
     if let Err(e) = sessiondir::write_private(&dir.file("tmux.conf"), conf.as_bytes(), 0o600) {
-        return fail(&dir, &e);
+        return fail(&e);
+    }
+    let mut dconf = std::fs::read_to_string(dir.file("daemon.conf")).unwrap_or_default();
+    dconf.push_str(&format!("tmux_session={}\n", crate::cli::pct_encode(&session)));
+    dconf.push_str(&format!("prefix_checked={}\n", crate::cli::pct_encode(&cfg.prefix)));
+    let _ = std::fs::remove_file(dir.file("daemon.conf"));
+    if let Err(e) = sessiondir::write_private(&dir.file("daemon.conf"), dconf.as_bytes(), 0o600) {
+        return fail(&e);
     }
     let (width, height) = terminal_size();
-    let target = ui::LayoutTarget { attach_session: None, window: "main".into(), pane_base: 0, width, height };
+    let pane_base = if attach {
+        tmux_query(&sock, &["show-options", "-gv", "pane-base-index"]).and_then(|v| v.parse().ok()).unwrap_or(0)
+    } else {
+        0
+    };
+    let target = ui::LayoutTarget {
+        attach_session: attach.then(|| session.clone()),
+        window: if attach { ATTACH_WINDOW.into() } else { "main".into() },
+        pane_base,
+        width,
+        height,
+    };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    for (i, args) in ui::layout_commands(&target, &exe, &dir.path, &cwd, &features).into_iter().enumerate() {
-        let mut c = tmux_cmd(&dir);
-        if i == 0 {
+    let mut steps: Vec<Vec<String>> = Vec::new();
+    if attach {
+        steps.push(vec!["source-file".into(), dir.file("tmux.conf").to_string_lossy().into_owned()]);
+    }
+    steps.extend(ui::layout_commands(&target, &exe, &dir.path, &cwd, &features));
+    for (i, args) in steps.into_iter().enumerate() {
+        let mut c = tmux_at(&sock);
+        if i == 0 && !attach {
             c.arg("-f").arg(dir.file("tmux.conf"));
         }
-        // Our own server: a TMUX inherited from the customer's tmux must not redirect anything.
-        let out = c.args(&args).env_remove("TMUX").stdin(Stdio::null()).output();
-        match out {
+        match c.args(&args).output() {
             Ok(o) if o.status.success() => {}
             Ok(o) => {
                 let e = crate::text::neutralize(&o.stderr, 300);
-                return fail(&dir, &format!("tmux refused to build the session layout: {e}"));
+                return fail(&format!("tmux refused to build the session layout: {e}"));
             }
-            Err(e) => return fail(&dir, &format!("cannot run tmux: {e}")),
+            Err(e) => return fail(&format!("cannot run tmux: {e}")),
         }
     }
     log.line("tmux session started; waiting for the daemon to connect");
@@ -231,15 +308,16 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
                 break;
             }
             if let Some(msg) = s.strip_prefix("failed ") {
-                let _ = tmux_cmd(&dir).arg("kill-server").stderr(Stdio::null()).status();
                 wait_exit(&dir);
+                end_tmux(&sock);
                 say(msg.trim_end());
                 say(&format!("session files kept in {}", dir.path.display()));
                 return 1;
             }
         }
-        if !dir.file("tmux.sock").exists() || Instant::now() >= deadline {
-            return fail(&dir, "the session daemon did not start; see debug.log in the session directory");
+        let server_gone = !attach && !sock.exists();
+        if server_gone || Instant::now() >= deadline {
+            return fail("the session daemon did not start; see debug.log in the session directory");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -248,19 +326,67 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
             signals::forward_to(pid);
         }
     }
-    let _ = tmux_cmd(&dir).args(["attach-session", "-t", ui::SESSION]).env_remove("TMUX").status();
-    let (status, rec) = match wait_exit(&dir) {
+    let ended = if attach {
+        // Our panes are a window of the customer's session: they are already looking at it. This
+        // pane waits for the daemon's end and then reports, as the dedicated mode does.
+        say("session running in the tmux window 'linbit-tunl'; Ctrl-b Q there ends it");
+        wait_exit_forever(&dir)
+    } else {
+        let _ = tmux_at(&sock).args(["attach-session", "-t", ui::SESSION]).stdin(Stdio::inherit()).status();
+        wait_exit(&dir)
+    };
+    let (status, rec) = match ended {
         Some(x) => x,
         None => {
             // The daemon vanished without its orderly end: make sure no support key outlives it.
             let sid = cfg.session_id.clone();
             let _ = authkeys::edit(&cfg.authkeys_file, |old| authkeys::remove_blocks(old, Some(&sid)));
-            let _ = tmux_cmd(&dir).arg("kill-server").stderr(Stdio::null()).status();
+            end_tmux(&sock);
             say("the session daemon ended without cleaning up; support keys were removed");
             (1, String::new())
         }
     };
+    if attach {
+        end_tmux(&sock);
+    }
     finish(&dir, status, true, cfg.debug, Some(&rec))
+}
+
+/// With `--attach` our bindings go into the customer's server; remember theirs for the keys we take,
+/// so the end of the session gives them back.
+fn save_bindings(sock: &Path, dir: &SessionDir) -> Result<(), String> {
+    let listing = tmux_query(sock, &["list-keys"]).unwrap_or_default();
+    let mut restore = String::from("# linbit-tunl: the customer's bindings for the keys the session took\n");
+    for (table, key) in ui::BOUND_KEYS {
+        restore.push_str(&format!("unbind-key -q -T {table} {}\n", tmux::quote(key)));
+    }
+    restore.push_str("unbind-key -q -a -T linbit-menu\n");
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // `bind-key [-r] -T TABLE KEY COMMAND...`
+        let Some(t) = words.iter().position(|w| *w == "-T") else { continue };
+        let (Some(table), Some(key)) = (words.get(t + 1), words.get(t + 2)) else { continue };
+        if ui::BOUND_KEYS.iter().any(|(bt, bk)| bt == table && key.trim_matches('\\') == *bk) {
+            restore.push_str(line);
+            restore.push('\n');
+        }
+    }
+    sessiondir::write_private(&dir.file("keys.restore"), restore.as_bytes(), 0o600)
+}
+
+/// `--attach`: the session may run for hours; wait for the daemon's exit file for as long as it
+/// lives, and give up only when its process is gone.
+fn wait_exit_forever(dir: &SessionDir) -> Option<(u8, String)> {
+    let pid = std::fs::read_to_string(dir.file("daemon.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok());
+    loop {
+        if let Some(x) = wait_exit(dir) {
+            return Some(x);
+        }
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            return None;
+        }
+    }
 }
 
 /// The daemon's exit file: status and recording path.
@@ -296,19 +422,30 @@ pub fn daemon_main(dir: &Path) -> u8 {
             return 1;
         }
     };
-    let auth_path = text.lines().find_map(|l| l.strip_prefix("auth=")).and_then(auth_from_name);
-    let conf: String = text.lines().filter(|l| !l.starts_with("auth=")).map(|l| format!("{l}\n")).collect();
-    let (cfg, auth_path) = match (Config::from_conf(&conf), auth_path) {
+    // The launcher's own lines come after the configuration proper.
+    let extra = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).and_then(crate::cli::pct_decode);
+    let auth_path = extra("auth=").as_deref().and_then(auth_from_name);
+    let session = extra("tmux_session=").unwrap_or_else(|| ui::SESSION.to_string());
+    let conf: String = text
+        .lines()
+        .filter(|l| !["auth=", "tmux_session=", "prefix_checked="].iter().any(|k| l.starts_with(k)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (mut cfg, auth_path) = match (Config::from_conf(&conf), auth_path) {
         (Ok(c), Some(a)) => (c, a),
         _ => {
             say("daemon.conf is damaged");
             return 1;
         }
     };
+    if let Some(p) = extra("prefix_checked=") {
+        cfg.prefix = p;
+    }
     let _ = std::fs::write(dir.file("daemon.pid"), format!("{}\n", std::process::id()));
     let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
     let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
-    let sock = dir.file("tmux.sock");
+    let sock = tmux_sock(&cfg, &dir);
+    let attach = cfg.tmux_socket.is_some();
     let mut d = match Daemon::new(cfg, dir, auth_path, false) {
         Ok(d) => d,
         Err(e) => {
@@ -316,13 +453,16 @@ pub fn daemon_main(dir: &Path) -> u8 {
             return 1;
         }
     };
-    if let Err(e) = d.open_fifos().and_then(|_| d.attach_tmux(features)) {
+    if let Err(e) = d.open_fifos().and_then(|_| d.attach_tmux(&sock, &session, features)) {
         say(&e);
         return 1;
     }
     let (end, _) = d.run_to_end();
-    // The session is over: the customer's terminal returns to the launcher.
-    let _ = Command::new("tmux").arg("-S").arg(&sock).arg("kill-server").stderr(Stdio::null()).status();
+    // The session is over: the customer's terminal returns to the launcher. With --attach the
+    // launcher gives the customer's server back its bindings and closes our window.
+    if !attach {
+        let _ = tmux_at(&sock).arg("kill-server").stderr(Stdio::null()).status();
+    }
     end.status()
 }
 

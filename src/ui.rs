@@ -36,7 +36,11 @@ pub fn prefix_check_args(sock: &Path, prefix: &str) -> Vec<String> {
         sock.to_string_lossy().into_owned(),
         "-f".into(),
         "/dev/null".into(),
-        "start-server".into(),
+        // A session, not a bare start-server: a server without sessions may exit before it has
+        // judged the key, and a flaky check would wrongly fall back to C-b.
+        "new-session".into(),
+        "-d".into(),
+        "sleep 30".into(),
         ";".into(),
         "set-option".into(),
         "-g".into(),
@@ -84,6 +88,25 @@ pub fn ctl_command(exe: &Path, dir: &Path, words: &[&str]) -> String {
 }
 
 /// The main menu entries: (label, key, action words or None for the focus toggle / layout).
+/// Every key the configuration binds, by table: with `--attach` these are the customer's keys that
+/// the session borrows and gives back at its end.
+pub const BOUND_KEYS: &[(&str, &str)] = &[
+    ("prefix", "Q"),
+    ("prefix", "c"),
+    ("prefix", "C-c"),
+    ("prefix", "u"),
+    ("prefix", "U"),
+    ("prefix", "X"),
+    ("prefix", "L"),
+    ("prefix", "C-l"),
+    ("prefix", "Enter"),
+    ("prefix", "?"),
+    ("prefix", "z"),
+    ("root", "F1"),
+    ("root", "Enter"),
+    ("root", "q"),
+];
+
 const MENU: [(&str, &str); 6] = [
     ("Go to chat", "c"),
     ("Reset layout", "L"),
@@ -248,9 +271,11 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
             );
         }
     }
-    // Detaching would look like the end of the session to the launcher.
-    line(&mut c, "unbind-key d");
-    line(&mut c, "unbind-key D");
+    if !cfg.attach {
+        // Detaching would look like the end of the session to the launcher.
+        line(&mut c, "unbind-key d");
+        line(&mut c, "unbind-key D");
+    }
     let bind = |c: &mut String, key: &str, cmd: &str| line(c, &format!("bind-key {} {}", quote(key), bound(cmd)));
     bind(&mut c, "Q", &action("Q", exe, dir));
     bind(&mut c, "c", TOGGLE_FOCUS);
@@ -425,6 +450,28 @@ mod tests {
     }
 
     #[test]
+    fn bound_keys_name_every_binding_of_the_configuration() {
+        let f = Features::from_version(Some((3, 3)));
+        let conf = tmux_conf(&cfg("C-b"), Path::new("/tmp/d"), Path::new("/usr/bin/linbit-tunl"), &f);
+        let mut seen = Vec::new();
+        for line in conf.lines().filter(|l| l.starts_with("bind-key ")) {
+            let w: Vec<&str> = line.split(' ').collect();
+            let (table, key) = match w[1] {
+                "-n" => ("root", w[2]),
+                "-T" => (w[2], w[3]),
+                k => ("prefix", k),
+            };
+            if table == "linbit-menu" {
+                continue;
+            }
+            let key = key.trim_matches('\'');
+            assert!(BOUND_KEYS.contains(&(table, key)), "{table} {key} is bound but not in BOUND_KEYS");
+            seen.push((table, key));
+        }
+        assert_eq!(seen.len(), BOUND_KEYS.len(), "BOUND_KEYS names a key the configuration does not bind");
+    }
+
+    #[test]
     fn keys_render() {
         assert_eq!(display_key("C-b"), "Ctrl-b");
         assert_eq!(display_key("M-Space"), "Alt-Space");
@@ -493,8 +540,15 @@ mod tests {
         let tmux =
             |args: &[String]| std::process::Command::new("tmux").arg("-S").arg(&sock).args(args).output().unwrap();
         // The prefix check: a bad key fails, a good one passes.
-        assert!(!tmux(&prefix_check_args(&dir.join("p"), "NoSuchKey")[2..]).status.success());
-        assert!(tmux(&prefix_check_args(&dir.join("p"), "C-a")[2..]).status.success());
+        // A fresh socket per check, as the launcher uses: a server still exiting must not answer.
+        let check = |key: &str| {
+            let sock = dir.join(format!("p-{key}"));
+            let ok = std::process::Command::new("tmux").args(prefix_check_args(&sock, key)).output().unwrap();
+            let _ = std::process::Command::new("tmux").arg("-S").arg(&sock).arg("kill-server").output();
+            ok.status.success()
+        };
+        assert!(!check("NoSuchKey"));
+        assert!(check("C-a"));
         let exe = Path::new("/bin/true");
         let conf = dir.join("tmux.conf");
         std::fs::write(&conf, tmux_conf(&cfg("C-a"), &dir, exe, &f)).unwrap();
