@@ -1,0 +1,91 @@
+//! `--attach`: the session inside the customer's own tmux, typed at through a real client of it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn tmux(sock: &Path, args: &[&str]) -> String {
+    let o = Command::new("tmux").arg("-S").arg(sock).args(args).env_remove("TMUX").output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn wait(deadline: std::time::Instant, mut f: impl FnMut() -> bool) -> bool {
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    false
+}
+
+struct Servers(Vec<std::path::PathBuf>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            let _ = Command::new("tmux").arg("-S").arg(s).arg("kill-server").output();
+        }
+    }
+}
+
+#[test]
+fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
+    let relay = Relay::start(RelayOpts::default()).unwrap();
+    let scratch = Scratch::new("attach");
+    let id = unique_id("attach");
+    relay.register(&id, Some("246810"));
+    let outer = scratch.path().join("outer.sock");
+    let theirs = scratch.path().join("theirs.sock");
+    let _servers = Servers(vec![outer.clone(), theirs.clone()]);
+    // The customer's own tmux, with its stock bindings, seen through a terminal (the outer server).
+    let client = format!("tmux -S {} -f /dev/null new-session -s mine", theirs.display());
+    Command::new("tmux")
+        .arg("-S")
+        .arg(&outer)
+        .args(["-f", "/dev/null", "new-session", "-d", "-x", "160", "-y", "48", &client])
+        .env_remove("TMUX")
+        .status()
+        .unwrap();
+    assert!(wait(secs(10), || tmux(&theirs, &["list-sessions"]).contains("mine")), "customer's tmux did not start");
+    let before = tmux(&theirs, &["list-keys", "-T", "prefix"]);
+    assert!(before.contains("new-window"));
+
+    let mut script = String::new();
+    for (k, v) in relay.env() {
+        script.push_str(&format!("export {k}='{v}'\n"));
+    }
+    let sp = scratch.path().display();
+    script.push_str(&format!(
+        "export USER=root HOME={sp} TUNL_AUTHKEYS_FILE={sp}/ak TUNL_RECORDING_DIR={sp}\n\
+         {BIN} --attach --token 246810 {id}\necho EXIT=$? > {sp}/status\n"
+    ));
+    std::fs::write(scratch.path().join("run.sh"), script).unwrap();
+    tmux(&outer, &["send-keys", &format!("sh {sp}/run.sh"), "Enter"]);
+
+    let mut conn = relay.accept(secs(30)).expect("the session reaches the relay");
+    conn.welcome(1);
+    assert!(conn.wait_verb(secs(10), "SNAP").is_some(), "{:?}", conn.lines());
+    assert!(wait(secs(10), || tmux(&theirs, &["list-windows", "-F", "#W"]).contains("linbit-tunl")));
+    let size = conn.lines().into_iter().find(|l| l.starts_with("SIZE ")).unwrap();
+    assert_ne!(size, "SIZE 80 24", "the shared pane has the real size of the customer's window");
+    // Support types into the shell pane of the new window.
+    conn.send(&tunl_relay::k_line(b"echo ATTACHED-$((40+2))\r"));
+    assert!(conn.wait_output(secs(10), |o| String::from_utf8_lossy(o).contains("ATTACHED-42")));
+    // The customer presses Ctrl-b Q in their own tmux.
+    tmux(&outer, &["send-keys", "C-b", "Q"]);
+    assert!(conn.wait_for(secs(15), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    let status = scratch.path().join("status");
+    assert!(wait(secs(15), || std::fs::read_to_string(&status).is_ok_and(|s| s.trim() == "EXIT=0")));
+    // Our windows are gone, the customer's session lives on, and their bindings are theirs again.
+    let windows = tmux(&theirs, &["list-windows", "-t", "mine", "-F", "#W"]);
+    assert!(!windows.contains("linbit"), "{windows}");
+    assert_eq!(tmux(&theirs, &["list-keys", "-T", "prefix"]), before, "bindings restored exactly");
+    assert!(tmux(&theirs, &["list-keys", "-T", "root"]).lines().all(|l| !l.contains("linbit-tunl")));
+    assert!(!session_dir(&id).exists());
+    assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
+}
