@@ -10,6 +10,13 @@ BIN=$PWD/target/debug
 D=$(mktemp -d /tmp/tunl-demo.XXXXXX)
 SOCK=$D/support.sock
 cleanup() {
+    # The relay stops its sshd and removes its PAM service and temp dir on `quit`; a signal
+    # would leave them behind.
+    tmux -S "$SOCK" send-keys -t support quit Enter 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        tmux -S "$SOCK" has-session 2>/dev/null || break
+        sleep 0.1
+    done
     tmux -S "$SOCK" kill-server 2>/dev/null || true
     rm -rf "$D"
 }

@@ -130,3 +130,56 @@ fn help_and_version() {
     // Help wins wherever it stands, even after the ID.
     assert_eq!(run(&["cli-test-help-a", "--help"], &[]).status.code(), Some(0));
 }
+
+/// A path at the session directory's place that is not ours is refused, never followed or reused.
+#[test]
+fn session_directory_rules_hold_for_the_real_binary() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let id = "cli-test-plant-a";
+    let path = session_path(id);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&path);
+    let target = std::env::temp_dir().join(format!("tunl-cli-plant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::create_dir(&target).unwrap();
+
+    // A symlink an attacker planted: refused, and nothing appears where it points.
+    std::os::unix::fs::symlink(&target, &path).unwrap();
+    let out = run(&["--tunnel", id], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert!(std::fs::read_dir(&target).unwrap().next().is_none(), "the link was followed");
+    assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+    std::fs::remove_file(&path).unwrap();
+
+    // A directory that other users can enter: refused.
+    std::fs::create_dir(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run(&["--tunnel", id], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lets other users in"));
+    assert!(std::fs::read_dir(&path).unwrap().next().is_none(), "nothing was written into it");
+
+    // A directory owned by someone else: refused, and left as it was.
+    if rustix::process::geteuid().is_root() {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let out = run(&["--tunnel", id], &[]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("belongs to uid 65534"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
+        assert!(std::fs::read_dir(&path).unwrap().next().is_none());
+    }
+    std::fs::remove_dir_all(&path).unwrap();
+    std::fs::remove_dir_all(&target).unwrap();
+}
+
+#[test]
+fn options_after_the_session_id_are_options() {
+    // Parsed after the ID, --restricted and --tunnel still meet and contradict each other.
+    refused(&["cli-test-after-a", "--restricted", "--tunnel"], &[], "contradict");
+    refused(&["cli-test-after-a", "--token", "99"], &[], "six digits");
+}
