@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use tunl_relay::{Conn, Relay, RelayOpts};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_linbit-tunl");
