@@ -782,7 +782,12 @@ impl Daemon {
             }
         };
         let mut all = self.installed.clone();
-        all.extend(keys.iter().cloned());
+        for k in keys {
+            // A key granted again (a second request of the same engineer) is in the block once.
+            if !all.contains(&k) {
+                all.push(k);
+            }
+        }
         let sid = self.cfg.session_id.clone();
         let res = authkeys::edit(&self.cfg.authkeys_file, |old| {
             let cleaned = authkeys::remove_blocks(old, Some(&sid));
@@ -793,7 +798,7 @@ impl Daemon {
             let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
             return self.apply(fx, protocol::CloseReason::Revoked);
         }
-        self.installed.extend(keys);
+        self.installed = all;
         if self.forward_port.is_none() {
             self.open_forward();
         }
