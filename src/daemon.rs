@@ -80,7 +80,8 @@ enum Pending {
     Ignore,
     Panes,
     Snap,
-    Clients(String),
+    /// The popup command for this tunnel request, to be sent to the customer's client.
+    Clients(String, String),
 }
 
 struct TmuxSide {
@@ -649,7 +650,7 @@ impl Daemon {
                     }
                 }
             }
-            Pending::Clients(cmd_tail) => {
+            Pending::Clients(req, cmd_tail) => {
                 // The popup goes to the customer's own client, not to our control client.
                 let client = body
                     .iter()
@@ -665,7 +666,12 @@ impl Daemon {
                         };
                         self.tmux_cmd(&cmd, Pending::Ignore);
                     }
-                    None => self.log.line("no customer client attached to show the tunnel request"),
+                    None => {
+                        // Nobody to ask: answer the request rather than leave it (and the queue) hanging.
+                        self.log.line("no customer client attached to show the tunnel request");
+                        let fx = self.tunnel.abandon(&req);
+                        self.apply(fx, protocol::CloseReason::Revoked);
+                    }
                 }
             }
         }
@@ -770,7 +776,10 @@ impl Daemon {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
         let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, req, from, &target, &features);
         self.chat_show(&format!("support ({from}) asks for an SSH tunnel to {target}: answer the popup"));
-        self.tmux_cmd("list-clients -F '#{client_name} #{client_control_mode}'", Pending::Clients(cmd));
+        self.tmux_cmd(
+            "list-clients -F '#{client_name} #{client_control_mode}'",
+            Pending::Clients(req.to_string(), cmd),
+        );
     }
 
     fn install(&mut self, req: &str, keys: &[u8]) {

@@ -549,3 +549,42 @@ fn restricted_mode_refuses_tunnels() {
     assert_eq!(line_field(&ans, "reason"), Some("restricted"), "{ans}");
     assert_eq!(read(&bed.authkeys()), before);
 }
+
+#[test]
+fn a_second_request_during_a_popup_is_queued_and_asked_next() {
+    let bed = Bed::new("tqueue");
+    let target = bed.target_arg();
+    let cust = Customer::start(&bed, "tqueue", &["--target", &target]);
+    let mut conn = cust.connected(&bed);
+    let key = format!("{}\n", bed.key.public_line);
+    let title = |who: &str| format!("Support ({who}) asks for an SSH tunnel");
+
+    conn.send(&upgrade_line("q1", "first@linbit.com", &key));
+    assert!(
+        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
+        "{}",
+        cust.diag()
+    );
+    // Asked while the first popup is open: not refused, not shown over it.
+    conn.send(&upgrade_line("q2", "second@linbit.com", &key));
+    conn.send("PING 77");
+    assert!(conn.wait_for(secs(10), |l| l == "PONG 77").is_some(), "{:?}", conn.lines());
+    assert!(
+        !conn.lines().iter().any(|l| l.starts_with("TUNNEL_") && line_field(l, "req") == Some("q2")),
+        "q2 answered before it was asked: {:?}",
+        conn.lines()
+    );
+    cust.keys(&["d"]);
+    let a1 = answer_to(&mut conn, "q1", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&a1, "reason"), Some("denied"), "{a1}");
+    // The queued request gets its own popup, and a grant opens the tunnel.
+    assert!(
+        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("second@linbit.com"))),
+        "no popup for the queued request\n{}",
+        cust.diag()
+    );
+    cust.keys(&["g"]);
+    let a2 = answer_to(&mut conn, "q2", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(a2.starts_with("TUNNEL_OPEN "), "{a2}");
+    assert!(login_works(port_of(&a2), &bed.key));
+}
