@@ -31,6 +31,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const OUTQ_HIGH: usize = 4 << 20;
 /// The orderly end must finish within this, or the watchdog kills us.
 pub const WATCHDOG_SECS: u32 = 10;
+/// A Grant/Deny popup dismissed without an answer (Escape, a click outside) comes back after this:
+/// tmux gives no notice of the dismissal, and a request must be answered, not lost. While the menu
+/// is still on screen tmux ignores the repeated display-menu.
+const POPUP_AGAIN: Duration = Duration::from_secs(5);
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +115,7 @@ pub struct Daemon {
     attempts: u32,
     retry_at: Option<Instant>,
     panes_retry_at: Option<Instant>,
+    popup_again_at: Option<Instant>,
     ping_n: u64,
     tmux: Option<TmuxSide>,
     ctl: Option<OwnedFd>,
@@ -152,6 +157,7 @@ impl Daemon {
             attempts: 0,
             retry_at: None,
             panes_retry_at: None,
+            popup_again_at: None,
             ping_n: 0,
             tmux: None,
             ctl: None,
@@ -776,6 +782,11 @@ impl Daemon {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
         let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, req, from, &target, &features);
         self.chat_show(&format!("support ({from}) asks for an SSH tunnel to {target}: answer the popup"));
+        self.show_popup(req, cmd);
+    }
+
+    fn show_popup(&mut self, req: &str, cmd: String) {
+        self.popup_again_at = Some(Instant::now() + POPUP_AGAIN);
         self.tmux_cmd(
             "list-clients -F '#{client_name} #{client_control_mode}'",
             Pending::Clients(req.to_string(), cmd),
@@ -1111,6 +1122,9 @@ impl Daemon {
         if let Some(r) = self.panes_retry_at {
             at(r);
         }
+        if let Some(r) = self.popup_again_at {
+            at(r);
+        }
         if let Some(l) = &self.link {
             match self.state {
                 LinkState::Up => {
@@ -1129,6 +1143,15 @@ impl Daemon {
         if self.panes_retry_at.is_some_and(|r| now >= r) {
             self.panes_retry_at = None;
             self.list_panes();
+        }
+        if self.popup_again_at.is_some_and(|r| now >= r) {
+            self.popup_again_at = None;
+            if let (Some((req, from)), Some(f)) = (self.tunnel.on_screen(), self.tmux.as_ref().map(|t| t.features)) {
+                let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
+                let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
+                let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, &req, &from, &target, &f);
+                self.show_popup(&req, cmd);
+            }
         }
         if let Some(r) = self.retry_at {
             if now >= r {

@@ -15,7 +15,8 @@
 //! - One popup at a time: a request that needs asking while a popup is open is queued (up to
 //!   `MAX_QUEUED`, beyond that `error`) and decided when its turn comes, against the state *then*
 //!   (blocked meanwhile -> `blocked`, pre-granted meanwhile -> installed without asking). A popup the
-//!   daemon could not show (no customer client) is answered `error` and the queue moves on.
+//!   daemon could not show (no customer client) is answered `error` and the queue moves on. A popup
+//!   dismissed without an answer (Escape) is shown again by the daemon until it is answered.
 //! - BRB is refused while Active. `--tunnel` starts Allowed (pre-granted) with the forward opened at
 //!   connect; `TUNNEL_OPEN` is sent per request once its keys are installed.
 //! - All requests of a session share the one authorized_keys block; the daemon rewrites the block with
@@ -186,6 +187,11 @@ impl Tunnel {
         };
         fx.extend(self.next_in_queue());
         fx
+    }
+
+    /// The request whose popup is (or should be) on screen, with who asks.
+    pub fn on_screen(&self) -> Option<(String, String)> {
+        self.pending.front().map(|p| (p.req.clone(), p.from.clone()))
     }
 
     /// The popup for `req` could not be shown (no customer client): answer it `error` and move on.

@@ -551,7 +551,7 @@ fn restricted_mode_refuses_tunnels() {
 }
 
 #[test]
-fn a_second_request_during_a_popup_is_queued_and_asked_next() {
+fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
     let bed = Bed::new("tqueue");
     let target = bed.target_arg();
     let cust = Customer::start(&bed, "tqueue", &["--target", &target]);
@@ -563,6 +563,14 @@ fn a_second_request_during_a_popup_is_queued_and_asked_next() {
     assert!(
         cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
         "{}",
+        cust.diag()
+    );
+    // Dismissed without an answer (Escape): the request is not lost, the popup comes back.
+    cust.keys(&["Escape"]);
+    assert!(cust.wait_screen(secs(4), |s| !popup_shown(s)), "Escape did not close the popup\n{}", cust.screen());
+    assert!(
+        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
+        "a dismissed popup never came back\n{}",
         cust.diag()
     );
     // Asked while the first popup is open: not refused, not shown over it.
