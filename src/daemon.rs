@@ -31,6 +31,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const OUTQ_HIGH: usize = 4 << 20;
 /// The orderly end must finish within this, or the watchdog kills us.
 pub const WATCHDOG_SECS: u32 = 10;
+/// A Grant/Deny popup dismissed without an answer (Escape, a click outside) comes back after this:
+/// tmux gives no notice of the dismissal, and a request must be answered, not lost. While the menu
+/// is still on screen tmux ignores the repeated display-menu.
+const POPUP_AGAIN: Duration = Duration::from_secs(5);
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +84,8 @@ enum Pending {
     Ignore,
     Panes,
     Snap,
-    Clients(String),
+    /// The popup command for this tunnel request, to be sent to the customer's client.
+    Clients(String, String),
 }
 
 struct TmuxSide {
@@ -110,6 +115,7 @@ pub struct Daemon {
     attempts: u32,
     retry_at: Option<Instant>,
     panes_retry_at: Option<Instant>,
+    popup_again_at: Option<Instant>,
     ping_n: u64,
     tmux: Option<TmuxSide>,
     ctl: Option<OwnedFd>,
@@ -151,6 +157,7 @@ impl Daemon {
             attempts: 0,
             retry_at: None,
             panes_retry_at: None,
+            popup_again_at: None,
             ping_n: 0,
             tmux: None,
             ctl: None,
@@ -649,7 +656,7 @@ impl Daemon {
                     }
                 }
             }
-            Pending::Clients(cmd_tail) => {
+            Pending::Clients(req, cmd_tail) => {
                 // The popup goes to the customer's own client, not to our control client.
                 let client = body
                     .iter()
@@ -665,7 +672,12 @@ impl Daemon {
                         };
                         self.tmux_cmd(&cmd, Pending::Ignore);
                     }
-                    None => self.log.line("no customer client attached to show the tunnel request"),
+                    None => {
+                        // Nobody to ask: answer the request rather than leave it (and the queue) hanging.
+                        self.log.line("no customer client attached to show the tunnel request");
+                        let fx = self.tunnel.abandon(&req);
+                        self.apply(fx, protocol::CloseReason::Revoked);
+                    }
                 }
             }
         }
@@ -770,7 +782,15 @@ impl Daemon {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
         let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, req, from, &target, &features);
         self.chat_show(&format!("support ({from}) asks for an SSH tunnel to {target}: answer the popup"));
-        self.tmux_cmd("list-clients -F '#{client_name} #{client_control_mode}'", Pending::Clients(cmd));
+        self.show_popup(req, cmd);
+    }
+
+    fn show_popup(&mut self, req: &str, cmd: String) {
+        self.popup_again_at = Some(Instant::now() + POPUP_AGAIN);
+        self.tmux_cmd(
+            "list-clients -F '#{client_name} #{client_control_mode}'",
+            Pending::Clients(req.to_string(), cmd),
+        );
     }
 
     fn install(&mut self, req: &str, keys: &[u8]) {
@@ -782,7 +802,12 @@ impl Daemon {
             }
         };
         let mut all = self.installed.clone();
-        all.extend(keys.iter().cloned());
+        for k in keys {
+            // A key granted again (a second request of the same engineer) is in the block once.
+            if !all.contains(&k) {
+                all.push(k);
+            }
+        }
         let sid = self.cfg.session_id.clone();
         let res = authkeys::edit(&self.cfg.authkeys_file, |old| {
             let cleaned = authkeys::remove_blocks(old, Some(&sid));
@@ -793,7 +818,7 @@ impl Daemon {
             let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
             return self.apply(fx, protocol::CloseReason::Revoked);
         }
-        self.installed.extend(keys);
+        self.installed = all;
         if self.forward_port.is_none() {
             self.open_forward();
         }
@@ -1107,6 +1132,9 @@ impl Daemon {
         if let Some(r) = self.panes_retry_at {
             at(r);
         }
+        if let Some(r) = self.popup_again_at {
+            at(r);
+        }
         if let Some(l) = &self.link {
             match self.state {
                 LinkState::Up => {
@@ -1125,6 +1153,15 @@ impl Daemon {
         if self.panes_retry_at.is_some_and(|r| now >= r) {
             self.panes_retry_at = None;
             self.list_panes();
+        }
+        if self.popup_again_at.is_some_and(|r| now >= r) {
+            self.popup_again_at = None;
+            if let (Some((req, from)), Some(f)) = (self.tunnel.on_screen(), self.tmux.as_ref().map(|t| t.features)) {
+                let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
+                let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
+                let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, &req, &from, &target, &f);
+                self.show_popup(&req, cmd);
+            }
         }
         if let Some(r) = self.retry_at {
             if now >= r {

@@ -9,13 +9,20 @@
 //! - `X` (block): from Confirm/Allowed/Active -> Blocked; an active tunnel is revoked first, a pending
 //!   popup is answered `TUNNEL_REJECTED blocked`. Off: refused.
 //! - UPGRADE: Off -> reject `restricted`; Blocked -> `blocked`; BRB on -> `brb` (nobody is there to
-//!   decide, and a tunnel would defeat BRB); another popup pending -> `error`; Confirm -> popup;
+//!   decide, and a tunnel would defeat BRB); Confirm -> popup;
 //!   Allowed -> install without popup; Active -> install without popup if the tunnel was pre-granted
 //!   (`u` or `--tunnel`), else popup.
+//! - One popup at a time: a request that needs asking while a popup is open is queued (up to
+//!   `MAX_QUEUED`, beyond that `error`) and decided when its turn comes, against the state *then*
+//!   (blocked meanwhile -> `blocked`, pre-granted meanwhile -> installed without asking). A popup the
+//!   daemon could not show (no customer client) is answered `error` and the queue moves on. A popup
+//!   dismissed without an answer (Escape) is shown again by the daemon until it is answered.
 //! - BRB is refused while Active. `--tunnel` starts Allowed (pre-granted) with the forward opened at
 //!   connect; `TUNNEL_OPEN` is sent per request once its keys are installed.
 //! - All requests of a session share the one authorized_keys block; the daemon rewrites the block with
 //!   the union of installed keys.
+
+use std::collections::VecDeque;
 
 use crate::cli::Mode;
 use crate::protocol::{CloseReason, RejectReason};
@@ -65,8 +72,12 @@ pub enum Effect {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Pending {
     req: String,
+    from: String,
     keys: Vec<u8>,
 }
+
+/// Requests waiting for the customer, the one on screen included.
+pub const MAX_QUEUED: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct Tunnel {
@@ -75,7 +86,8 @@ pub struct Tunnel {
     pregrant: bool,
     brb: bool,
     forward_open: bool,
-    pending: Option<Pending>,
+    /// The request whose popup is on screen (front), then the ones waiting for their turn.
+    pending: VecDeque<Pending>,
     /// Requests whose keys are installed and announced with `TUNNEL_OPEN`.
     open_reqs: Vec<String>,
 }
@@ -92,7 +104,7 @@ impl Tunnel {
             pregrant: mode == Mode::Tunnel,
             brb: false,
             forward_open: false,
-            pending: None,
+            pending: VecDeque::new(),
             open_reqs: Vec::new(),
         }
     }
@@ -142,11 +154,16 @@ impl Tunnel {
             State::Off | State::Blocked => unreachable!(),
         };
         if ask {
-            if self.pending.is_some() {
+            if self.pending.len() >= MAX_QUEUED {
                 return reject(RejectReason::Error);
             }
-            self.pending = Some(Pending { req: req.to_string(), keys });
-            vec![Effect::Popup { req: req.to_string(), from: from.to_string() }]
+            self.pending.push_back(Pending { req: req.to_string(), from: from.to_string(), keys });
+            if self.pending.len() == 1 {
+                vec![Effect::Popup { req: req.to_string(), from: from.to_string() }]
+            } else {
+                // Answered, not lost: asked once the popup on screen is answered.
+                Vec::new()
+            }
         } else {
             vec![Effect::Install { req: req.to_string(), keys }]
         }
@@ -154,20 +171,66 @@ impl Tunnel {
 
     /// The customer answered the popup for `req`. A stale answer (no such pending request) does nothing.
     pub fn answer(&mut self, req: &str, grant: bool) -> Vec<Effect> {
-        match &self.pending {
-            Some(p) if p.req == req => {}
-            _ => return Vec::new(),
+        if self.pending.front().is_none_or(|p| p.req != req) {
+            return Vec::new();
         }
-        let p = self.pending.take().expect("checked");
-        if !grant {
-            return vec![Effect::Reject { req: p.req, reason: RejectReason::Denied }];
+        let p = self.pending.pop_front().expect("checked");
+        let mut fx = if !grant {
+            vec![Effect::Reject { req: p.req, reason: RejectReason::Denied }]
+        } else {
+            match self.state {
+                State::Blocked => vec![Effect::Reject { req: p.req, reason: RejectReason::Blocked }],
+                State::Off => vec![Effect::Reject { req: p.req, reason: RejectReason::Restricted }],
+                _ if self.brb => vec![Effect::Reject { req: p.req, reason: RejectReason::Brb }],
+                _ => vec![Effect::Install { req: p.req, keys: p.keys }],
+            }
+        };
+        fx.extend(self.next_in_queue());
+        fx
+    }
+
+    /// The request whose popup is (or should be) on screen, with who asks.
+    pub fn on_screen(&self) -> Option<(String, String)> {
+        self.pending.front().map(|p| (p.req.clone(), p.from.clone()))
+    }
+
+    /// The popup for `req` could not be shown (no customer client): answer it `error` and move on.
+    pub fn abandon(&mut self, req: &str) -> Vec<Effect> {
+        if self.pending.front().is_none_or(|p| p.req != req) {
+            return Vec::new();
         }
-        match self.state {
-            State::Blocked => vec![Effect::Reject { req: p.req, reason: RejectReason::Blocked }],
-            State::Off => vec![Effect::Reject { req: p.req, reason: RejectReason::Restricted }],
-            _ if self.brb => vec![Effect::Reject { req: p.req, reason: RejectReason::Brb }],
-            _ => vec![Effect::Install { req: p.req, keys: p.keys }],
+        let p = self.pending.pop_front().expect("checked");
+        let mut fx = vec![Effect::Reject { req: p.req, reason: RejectReason::Error }];
+        fx.extend(self.next_in_queue());
+        fx
+    }
+
+    /// Decide queued requests against the current state until one needs a popup (shown) or none is left.
+    fn next_in_queue(&mut self) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        while let Some(p) = self.pending.front() {
+            let reason = match self.state {
+                State::Off => Some(RejectReason::Restricted),
+                State::Blocked => Some(RejectReason::Blocked),
+                _ if self.brb => Some(RejectReason::Brb),
+                _ => None,
+            };
+            let ask = match self.state {
+                State::Confirm => true,
+                State::Active => !self.pregrant,
+                _ => false,
+            };
+            if reason.is_none() && ask {
+                fx.push(Effect::Popup { req: p.req.clone(), from: p.from.clone() });
+                break;
+            }
+            let p = self.pending.pop_front().expect("front exists");
+            fx.push(match reason {
+                Some(reason) => Effect::Reject { req: p.req, reason },
+                None => Effect::Install { req: p.req, keys: p.keys },
+            });
         }
+        fx
     }
 
     /// Keys installed and the forward is up: the daemon now sends `TUNNEL_OPEN`.
@@ -236,7 +299,7 @@ impl Tunnel {
         }
         let mut fx = Vec::new();
         self.close_all(&mut fx);
-        if let Some(p) = self.pending.take() {
+        for p in self.pending.drain(..) {
             fx.push(Effect::Reject { req: p.req, reason: RejectReason::Blocked });
         }
         self.state = State::Blocked;
@@ -299,10 +362,18 @@ mod tests {
     fn confirm_popup_grant_and_deny() {
         let mut t = Tunnel::new(Mode::Share);
         assert_eq!(t.upgrade("1", "eng", b"k".to_vec()), vec![Effect::Popup { req: "1".into(), from: "eng".into() }]);
-        assert_eq!(t.upgrade("2", "eng", b"k".to_vec()), rej("2", R::Error));
-        assert!(t.answer("2", true).is_empty()); // stale
-        assert_eq!(t.answer("1", false), rej("1", R::Denied));
+        // A second request while the popup is open waits for its turn.
+        assert!(t.upgrade("2", "eng2", b"k".to_vec()).is_empty());
+        assert!(t.answer("2", true).is_empty()); // not on screen yet
+        assert_eq!(
+            t.answer("1", false),
+            vec![
+                Effect::Reject { req: "1".into(), reason: R::Denied },
+                Effect::Popup { req: "2".into(), from: "eng2".into() }
+            ]
+        );
         assert!(t.answer("1", true).is_empty()); // already answered
+        assert_eq!(t.answer("2", false), rej("2", R::Denied));
         assert_eq!(t.state(), State::Confirm);
         t.upgrade("3", "eng", b"k".to_vec());
         assert_eq!(t.answer("3", true), inst("3"));
@@ -383,6 +454,54 @@ mod tests {
         );
         assert_eq!(t.state(), State::Blocked);
         assert_eq!(t.block(), Ok(vec![]));
+    }
+
+    #[test]
+    fn queued_requests_are_decided_in_turn() {
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "a", b"k".to_vec());
+        for i in 2..=MAX_QUEUED {
+            assert!(t.upgrade(&i.to_string(), "b", b"k".to_vec()).is_empty());
+        }
+        assert_eq!(t.upgrade("full", "c", b"k".to_vec()), rej("full", R::Error));
+        // Pre-granted meanwhile: the queue installs without asking once the popup is answered.
+        t.grant().unwrap();
+        let fx = t.answer("1", true);
+        assert_eq!(fx.len(), MAX_QUEUED);
+        assert!(fx.iter().all(|e| matches!(e, Effect::Install { .. })), "{fx:?}");
+        // Blocked meanwhile: every queued request is answered `blocked` at once.
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "a", b"k".to_vec());
+        t.upgrade("2", "a", b"k".to_vec());
+        assert_eq!(
+            t.block(),
+            Ok(vec![
+                Effect::Reject { req: "1".into(), reason: R::Blocked },
+                Effect::Reject { req: "2".into(), reason: R::Blocked }
+            ])
+        );
+        // A popup that could not be shown is answered `error` and the next one is shown.
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "a", b"k".to_vec());
+        t.upgrade("2", "b", b"k".to_vec());
+        assert!(t.abandon("2").is_empty());
+        assert_eq!(
+            t.abandon("1"),
+            vec![
+                Effect::Reject { req: "1".into(), reason: R::Error },
+                Effect::Popup { req: "2".into(), from: "b".into() }
+            ]
+        );
+        // BRB meanwhile: the queued request is refused `brb` when its turn comes.
+        t.upgrade("3", "c", b"k".to_vec());
+        t.set_brb(true).unwrap();
+        assert_eq!(
+            t.answer("2", false),
+            vec![
+                Effect::Reject { req: "2".into(), reason: R::Denied },
+                Effect::Reject { req: "3".into(), reason: R::Brb }
+            ]
+        );
     }
 
     #[test]

@@ -1,0 +1,598 @@
+//! The reverse tunnel, end to end: the real binary, the real ssh client, the test relay's sshd and a
+//! second real sshd as the customer's SSH target (`TargetSshd`), reached by support through the
+//! relay-side port of the reverse forward with `support_login`.
+//!
+//! Foreground tests run `--tunnel` without tmux; share-mode tests run the client in a pane of an
+//! OUTER tmux server on a private socket (the customer's terminal), type with `send-keys` and read
+//! the screen with `capture-pane`.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tunl_relay::{SupportKey, TargetSshd, line_field, support_login, upgrade_line};
+
+const TOKEN: &str = "424242";
+const OK: &str = "TUNNEL-OK";
+
+fn relay() -> Relay {
+    Relay::start(RelayOpts::default()).expect("test relay")
+}
+
+/// Whether support can log in through `port` with `key` and run a command.
+fn login_works(port: u16, key: &SupportKey) -> bool {
+    let out = support_login(port, key, "root", &format!("echo {OK}")).expect("ssh runs");
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains(OK)
+}
+
+fn port_of(open: &str) -> u16 {
+    line_field(open, "port").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no port in {open}"))
+}
+
+/// Poll `cond` until it holds or the deadline passes.
+fn until(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_default()
+}
+
+fn has_block(path: &Path) -> bool {
+    String::from_utf8_lossy(&read(path)).contains("# linbit-tunl-begin")
+}
+
+/// Everything one tunnel test needs: relay, target sshd on the test's authorized_keys file, a
+/// support key pair. Fields drop in declaration order: the relay outlives nothing it must.
+struct Bed {
+    target: TargetSshd,
+    key: SupportKey,
+    relay: Relay,
+    scratch: Scratch,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Bed {
+        let scratch = Scratch::new(tag);
+        let relay = relay();
+        let target = TargetSshd::start(&scratch.path().join("authorized_keys")).expect("target sshd");
+        let keydir = scratch.path().join("support");
+        std::fs::create_dir_all(&keydir).unwrap();
+        let key = SupportKey::generate(&keydir).expect("support key");
+        Bed { target, key, relay, scratch }
+    }
+    fn authkeys(&self) -> PathBuf {
+        self.scratch.path().join("authorized_keys")
+    }
+    fn target_arg(&self) -> String {
+        format!("127.0.0.1:{}", self.target.port)
+    }
+    fn upgrade(&self, req: &str) -> String {
+        upgrade_line(req, "eng@linbit.com", &format!("{}\n", self.key.public_line))
+    }
+    /// `--tunnel` in the foreground, connected and welcomed.
+    fn foreground(&self, word: &str) -> (Foreground, Conn) {
+        let id = unique_id(word);
+        self.relay.register(&id, Some(TOKEN));
+        let target = self.target_arg();
+        let fg = Foreground::start(
+            &self.relay,
+            &id,
+            &["--tunnel", "--token", TOKEN, "--target", &target],
+            &[],
+            &self.scratch,
+        );
+        let mut conn = self.relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.diag()));
+        conn.welcome(0);
+        assert!(conn.wait_verb(secs(10), "STATE").is_some(), "no STATE: {:?}", conn.lines());
+        (fg, conn)
+    }
+}
+
+/// Grant in `--tunnel` mode: UPGRADE -> TUNNEL_OPEN, login works; returns the port.
+fn open_tunnel(bed: &Bed, fg: &Foreground, conn: &mut Conn, req: &str) -> u16 {
+    conn.send(&bed.upgrade(req));
+    let open = conn
+        .wait_for(secs(20), |l| l.starts_with("TUNNEL_OPEN ") || l.starts_with("TUNNEL_REJECTED "))
+        .unwrap_or_else(|| panic!("no answer to UPGRADE: {:?}\n{}", conn.lines(), fg.diag()));
+    assert!(open.starts_with("TUNNEL_OPEN "), "{open}\n{}", fg.diag());
+    assert_eq!(line_field(&open, "req"), Some(req), "{open}");
+    assert_eq!(line_field(&open, "user"), Some(bed.relay.user()), "{open}");
+    let port = port_of(&open);
+    assert!(login_works(port, &bed.key), "support login through port {port} failed\n{}", bed.target.log());
+    port
+}
+
+// ---- 1 + 5: --tunnel without tmux, --target ------------------------------------------------------
+
+#[test]
+fn tunnel_mode_grant_relay_revoke_and_sigterm() {
+    let bed = Bed::new("tfg");
+    let (mut fg, mut conn) = bed.foreground("tfg");
+    // The forward is opened at connect, before any request.
+    assert!(fg.wait_stderr(secs(15), "reverse tunnel open on relay port"), "{}", fg.diag());
+    assert!(!bed.authkeys().exists() || !has_block(&bed.authkeys()));
+
+    // --target: the forward reaches the TargetSshd port (any other port would refuse the login).
+    let port = open_tunnel(&bed, &fg, &mut conn, "r1");
+    assert!(has_block(&bed.authkeys()));
+    let st = conn.wait_for(secs(10), |l| l.starts_with("STATE") && l.contains("tunnel=active"));
+    assert!(st.is_some(), "{:?}", conn.lines());
+
+    // Relay REVOKE: closed, our block gone, the same login fails (both through the tunnel and
+    // directly at the target: the key itself is gone, not just the forward).
+    conn.send("REVOKE");
+    let closed = conn.wait_verb(secs(15), "TUNNEL_CLOSED").unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&closed, "reason"), Some("relay"), "{closed}");
+    assert!(!has_block(&bed.authkeys()), "{:?}", String::from_utf8_lossy(&read(&bed.authkeys())));
+    assert!(!login_works(port, &bed.key), "login through the revoked tunnel still works");
+    assert!(!login_works(bed.target.port, &bed.key), "support key still accepted by the target");
+    // The revoke cleared the --tunnel pre-grant: without a terminal nobody can confirm a new request.
+    conn.send(&bed.upgrade("r2"));
+    let ans = answer_to(&mut conn, "r2", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
+    assert!(!has_block(&bed.authkeys()));
+
+    // SIGTERM with nothing active: 143 and no key in the file.
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.diag());
+    assert!(!has_block(&bed.authkeys()));
+}
+
+#[test]
+fn tunnel_mode_sigterm_and_sigint_with_an_active_tunnel_remove_the_keys() {
+    let bed = Bed::new("tsig");
+    for (sig, status) in [("TERM", 143), ("INT", 130)] {
+        let (mut fg, mut conn) = bed.foreground(&format!("tsig{}", sig.to_lowercase()));
+        let port = open_tunnel(&bed, &fg, &mut conn, "s1");
+        fg.signal(sig);
+        let closed = conn.wait_verb(secs(10), "TUNNEL_CLOSED");
+        assert_eq!(closed.as_deref().and_then(|l| line_field(l, "reason")), Some("ended"), "{:?}", conn.lines());
+        assert_eq!(fg.wait(secs(15)), Some(status), "SIG{sig}: {}", fg.diag());
+        assert!(!has_block(&bed.authkeys()), "SIG{sig} left keys behind");
+        assert!(!login_works(port, &bed.key));
+        assert!(!login_works(bed.target.port, &bed.key));
+        assert!(wait_no_processes(&session_dir(&fg.id).display().to_string(), secs(5)).is_empty());
+    }
+}
+
+// ---- 3 (the part that needs no terminal): key validation ----------------------------------------
+
+#[test]
+fn invalid_option_carrying_and_certificate_keys_are_refused() {
+    let bed = Bed::new("tinv");
+    let before = b"# mine\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host\n";
+    std::fs::write(bed.authkeys(), before).unwrap();
+    let (mut fg, mut conn) = bed.foreground("tinv");
+    let blob = bed.key.public_line.split(' ').nth(1).unwrap().to_string();
+    let pubfile = bed.key.private_path.with_extension("pub");
+    let cert = bed.relay.sign_user_key(&pubfile, "support-cert").expect("sign");
+    let cert_line = std::fs::read_to_string(cert).unwrap().trim().to_string();
+    assert!(cert_line.starts_with("ssh-ed25519-cert-v01@openssh.com "), "{cert_line}");
+    let cases = [
+        ("i1", "ssh-ed25519 AAAA-not-base64!! x".to_string()),
+        ("i2", format!("command=\"sh\" ssh-ed25519 {blob} support")),
+        ("i3", format!("no-pty,permitopen=\"*:*\" ssh-ed25519 {blob}")),
+        ("i4", cert_line),
+        ("i5", format!("{}\nssh-ed25519 garbage", bed.key.public_line)),
+    ];
+    for (req, keys) in &cases {
+        conn.send(&upgrade_line(req, "eng", &format!("{keys}\n")));
+        let ans = conn
+            .wait_for(secs(10), |l| l.contains(&format!("req={req} ")) || l.ends_with(&format!("req={req}")))
+            .unwrap_or_else(|| panic!("no answer for {req}: {:?}", conn.lines()));
+        assert!(ans.starts_with("TUNNEL_REJECTED "), "{req}: {ans}");
+        assert_eq!(line_field(&ans, "reason"), Some("invalid-key"), "{req}: {ans}");
+        assert_eq!(read(&bed.authkeys()), before, "{req} changed the file");
+    }
+    assert!(!login_works(bed.target.port, &bed.key));
+    // A valid request afterwards still works: the refusals left no state behind.
+    open_tunnel(&bed, &fg, &mut conn, "v1");
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+    assert_eq!(read(&bed.authkeys()), before);
+}
+
+// ---- 4: authorized_keys fidelity -----------------------------------------------------------------
+
+#[test]
+fn authorized_keys_bytes_mode_and_owner_survive_grant_and_revoke() {
+    let bed = Bed::new("tfid");
+    let before: &[u8] = b"# customer's own keys\r\n\
+        ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@box\r\n\
+        \n\
+        command=\"/usr/bin/backup\",no-pty,from=\"10.0.0.0/8\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl backup\n\
+        #   indented comment\twith tab\n\
+        ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ last-line-no-newline";
+    let ak = bed.authkeys();
+    std::fs::write(&ak, before).unwrap();
+    std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o640)).unwrap();
+    // A distinct group, so "owner kept" is not just "root:root by default".
+    std::os::unix::fs::chown(&ak, Some(0), Some(1)).unwrap();
+    let meta0 = std::fs::metadata(&ak).unwrap();
+
+    let (mut fg, mut conn) = bed.foreground("tfid");
+    let port = open_tunnel(&bed, &fg, &mut conn, "f1");
+    // A second request of the same session shares the one block.
+    open_tunnel(&bed, &fg, &mut conn, "f2");
+    let during = read(&ak);
+    assert!(during.starts_with(before), "the customer's bytes changed while granted");
+    let tail = String::from_utf8_lossy(&during[before.len()..]).into_owned();
+    assert!(tail.starts_with("\n# linbit-tunl-begin "), "{tail:?}");
+    assert_eq!(tail.matches("# linbit-tunl-begin ").count(), 1, "{tail:?}");
+    assert_eq!(tail.matches(&bed.key.public_line).count(), 1, "the same key installed twice: {tail:?}");
+    assert!(!tail.ends_with('\n'), "the file had no final newline and must keep it that way: {tail:?}");
+    let m = std::fs::metadata(&ak).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, meta0.uid(), meta0.gid()));
+
+    conn.send("REVOKE");
+    assert!(conn.wait_verb(secs(15), "TUNNEL_CLOSED").is_some(), "{:?}", conn.lines());
+    assert_eq!(read(&ak), before, "grant + revoke is not byte-identical");
+    let m = std::fs::metadata(&ak).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, meta0.uid(), meta0.gid()));
+    assert!(!login_works(port, &bed.key));
+
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+    assert_eq!(read(&ak), before);
+}
+
+#[test]
+fn a_stale_block_from_a_killed_session_is_swept_at_start() {
+    let bed = Bed::new("tstale");
+    let ak = bed.authkeys();
+    let mine: &[u8] =
+        b"# top\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b\r\n";
+    let rest: &[u8] = b"# after the block\nno-agent-forwarding ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl c";
+    let mut content = mine.to_vec();
+    content.extend_from_slice(b"# linbit-tunl-begin other-old-session-id\n");
+    content.extend_from_slice(format!("{}\n", bed.key.public_line).as_bytes());
+    content.extend_from_slice(b"# linbit-tunl-end other-old-session-id\n");
+    content.extend_from_slice(rest);
+    std::fs::write(&ak, &content).unwrap();
+    std::fs::set_permissions(&ak, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The stale key works before the sweep (so its absence later means something).
+    assert!(login_works(bed.target.port, &bed.key));
+
+    let (mut fg, _conn) = bed.foreground("tstale");
+    let mut expect = mine.to_vec();
+    expect.extend_from_slice(rest);
+    assert_eq!(read(&ak), expect, "the sweep must remove exactly the stale block");
+    assert!(!login_works(bed.target.port, &bed.key), "stale support key still accepted");
+    assert_eq!(std::fs::metadata(&ak).unwrap().mode() & 0o7777, 0o600);
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+    assert_eq!(read(&ak), expect);
+}
+
+// ---- 6: reconnect --------------------------------------------------------------------------------
+
+#[test]
+fn reconnect_re_announces_an_active_tunnel_on_a_new_port() {
+    let bed = Bed::new("trec");
+    let (mut fg, mut conn) = bed.foreground("trec");
+    let port1 = open_tunnel(&bed, &fg, &mut conn, "c1");
+    conn.drop_link();
+    let mut conn2 = bed.relay.accept(secs(30)).unwrap_or_else(|| panic!("no reconnect: {}", fg.diag()));
+    assert_eq!(conn2.hello_field("resume"), Some("1"));
+    // The keys stay while the link is down.
+    assert!(has_block(&bed.authkeys()));
+    conn2.welcome(0);
+    let open = conn2.wait_verb(secs(20), "TUNNEL_OPEN").unwrap_or_else(|| panic!("{:?}\n{}", conn2.lines(), fg.diag()));
+    assert_eq!(line_field(&open, "req"), Some("c1"), "{open}");
+    assert_eq!(line_field(&open, "user"), Some(bed.relay.user()), "{open}");
+    let port2 = port_of(&open);
+    assert!(login_works(port2, &bed.key), "login through the re-opened tunnel (port {port2}) failed");
+    if port2 != port1 {
+        assert!(!login_works(port1, &bed.key), "the old port still forwards");
+    }
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143));
+    assert!(!has_block(&bed.authkeys()));
+}
+
+// ---- share mode: the customer's terminal ---------------------------------------------------------
+
+/// The customer's terminal: an outer tmux server on a private socket whose only pane runs
+/// `linbit-tunl ARGS ID` with a controlled environment. Dropping it ends both tmux servers and waits
+/// for every process of the session to go.
+struct Customer {
+    outer: PathBuf,
+    id: String,
+    status: PathBuf,
+}
+
+impl Customer {
+    fn start(bed: &Bed, word: &str, args: &[&str]) -> Customer {
+        let id = unique_id(word);
+        bed.relay.register(&id, Some(TOKEN));
+        let s = bed.scratch.path();
+        let outer = s.join(format!("outer-{id}.sock"));
+        let conf = s.join("outer.conf");
+        std::fs::write(&conf, "set -g status off\nset -g prefix None\nunbind-key C-b\nset -g escape-time 0\n").unwrap();
+        let status = s.join(format!("status-{id}"));
+        let mut env: Vec<(String, String)> = bed.relay.env();
+        env.push(("PATH".into(), std::env::var("PATH").unwrap()));
+        env.push(("USER".into(), "root".into()));
+        env.push(("HOME".into(), s.display().to_string()));
+        env.push(("TERM".into(), "xterm-256color".into()));
+        env.push(("TUNL_AUTHKEYS_FILE".into(), bed.authkeys().display().to_string()));
+        env.push(("TUNL_RECORDING_DIR".into(), s.display().to_string()));
+        let mut sh = String::from("env -i");
+        for (k, v) in &env {
+            sh.push_str(&format!(" {k}={}", shq(v)));
+        }
+        sh.push_str(&format!(" {} --token {TOKEN}", shq(BIN)));
+        for a in args {
+            sh.push_str(&format!(" {}", shq(a)));
+        }
+        sh.push_str(&format!(" {id}; echo $? > {}", shq(&status.display().to_string())));
+        let st = Command::new("tmux")
+            .arg("-S")
+            .arg(&outer)
+            .arg("-f")
+            .arg(&conf)
+            .args(["new-session", "-d", "-s", "cust", "-x", "160", "-y", "45", &sh])
+            .env_remove("TMUX")
+            .stdin(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "outer tmux did not start");
+        Customer { outer, id, status }
+    }
+
+    fn tmux(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.arg("-S").arg(&self.outer).env_remove("TMUX").stdin(Stdio::null());
+        c
+    }
+
+    /// Type keys into the customer's terminal (tmux key names: `C-b`, `u`, `Enter`).
+    fn keys(&self, keys: &[&str]) {
+        let ok = self.tmux().args(["send-keys", "-t", "cust:"]).args(keys).status().unwrap().success();
+        assert!(ok, "send-keys {keys:?}");
+    }
+
+    fn screen(&self) -> String {
+        let out = self.tmux().args(["capture-pane", "-p", "-t", "cust:"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_screen(&self, deadline: Instant, pred: impl Fn(&str) -> bool) -> bool {
+        until(deadline, || pred(&self.screen()))
+    }
+
+    fn exit_status(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.status).ok().and_then(|s| s.trim().parse().ok())
+    }
+
+    fn debug_log(&self) -> String {
+        std::fs::read_to_string(session_dir(&self.id).join("debug.log")).unwrap_or_default()
+    }
+
+    fn diag(&self) -> String {
+        format!(
+            "screen:\n{}\ndebug.log:\n{}\nssh.log:\n{}",
+            self.screen(),
+            self.debug_log(),
+            std::fs::read_to_string(session_dir(&self.id).join("ssh.log")).unwrap_or_default()
+        )
+    }
+
+    /// The session is up and the customer's client is attached to the inner tmux (the popup needs it).
+    fn connected(&self, bed: &Bed) -> Conn {
+        let mut conn = bed.relay.accept(secs(40)).unwrap_or_else(|| panic!("no session: {}", self.diag()));
+        conn.welcome(0);
+        assert!(conn.wait_verb(secs(10), "STATE").is_some(), "{:?}", conn.lines());
+        assert!(
+            self.wait_screen(secs(20), |s| s.contains("tunnel: ") && s.contains(&self.id)),
+            "the customer's screen never showed the session\n{}",
+            self.diag()
+        );
+        conn
+    }
+}
+
+impl Drop for Customer {
+    fn drop(&mut self) {
+        let dir = session_dir(&self.id);
+        let _ =
+            Command::new("tmux").arg("-S").arg(dir.join("tmux.sock")).arg("kill-server").stderr(Stdio::null()).status();
+        let _ = self.tmux().arg("kill-server").stderr(Stdio::null()).status();
+        let _ = wait_no_processes(&dir.display().to_string(), secs(15));
+        let _ = wait_no_processes(&self.outer.display().to_string(), secs(5));
+        let _ = std::fs::remove_file(&self.outer);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn shq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The answer (TUNNEL_OPEN / TUNNEL_REJECTED) to request `req`.
+fn answer_to(conn: &mut Conn, req: &str, deadline: Instant) -> Option<String> {
+    conn.wait_for(deadline, |l| {
+        (l.starts_with("TUNNEL_OPEN ") || l.starts_with("TUNNEL_REJECTED ")) && line_field(l, "req") == Some(req)
+    })
+}
+
+fn popup_shown(s: &str) -> bool {
+    s.contains("asks for an SSH tunnel") && s.contains("Grant") && s.contains("Deny")
+}
+
+fn state_line(conn: &mut Conn, tunnel: &str) -> bool {
+    let want = format!("tunnel={tunnel}");
+    conn.wait_for(secs(10), |l| l.starts_with("STATE") && l.split(' ').any(|f| f == want)).is_some()
+}
+
+#[test]
+fn share_mode_popup_deny_grant_and_revoke() {
+    let bed = Bed::new("tshare");
+    let ak = bed.authkeys();
+    let before: &[u8] = b"# kept\r\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x";
+    std::fs::write(&ak, before).unwrap();
+    let target = bed.target_arg();
+    let cust = Customer::start(&bed, "tshare", &["--target", &target]);
+    let mut conn = cust.connected(&bed);
+
+    // Confirm state: the popup names the request; Deny answers `denied`, the file is untouched.
+    conn.send(&bed.upgrade("p1"));
+    assert!(cust.wait_screen(secs(15), popup_shown), "no popup\n{}", cust.diag());
+    assert!(cust.screen().contains("eng@linbit.com"), "{}", cust.screen());
+    cust.keys(&["d"]);
+    let ans = answer_to(&mut conn, "p1", secs(10)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
+    assert!(ans.starts_with("TUNNEL_REJECTED"), "{ans}");
+    assert_eq!(read(&ak), before);
+    assert!(cust.wait_screen(secs(10), |s| !popup_shown(s)), "popup still shown\n{}", cust.screen());
+
+    // Grant: keys installed, forward to --target, login works.
+    conn.send(&bed.upgrade("p2"));
+    assert!(cust.wait_screen(secs(15), popup_shown), "no popup\n{}", cust.diag());
+    cust.keys(&["g"]);
+    let open = answer_to(&mut conn, "p2", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(open.starts_with("TUNNEL_OPEN "), "{open}\n{}", cust.diag());
+    assert_eq!(line_field(&open, "user"), Some("root"));
+    let port = port_of(&open);
+    assert!(login_works(port, &bed.key), "{}", bed.target.log());
+    assert!(state_line(&mut conn, "active"), "{:?}", conn.lines());
+
+    // Ctrl-b U: closed, our block gone byte-exactly, login fails.
+    cust.keys(&["C-b", "U"]);
+    let closed =
+        conn.wait_verb(secs(15), "TUNNEL_CLOSED").unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert_eq!(line_field(&closed, "reason"), Some("revoked"), "{closed}");
+    assert!(state_line(&mut conn, "confirm"), "{:?}", conn.lines());
+    assert_eq!(read(&ak), before);
+    assert!(!login_works(port, &bed.key));
+    assert!(!login_works(bed.target.port, &bed.key));
+
+    // Ctrl-b Q ends the session orderly.
+    cust.keys(&["C-b", "Q"]);
+    assert!(until(secs(20), || cust.exit_status().is_some()), "no exit\n{}", cust.diag());
+    assert_eq!(cust.exit_status(), Some(0));
+    assert_eq!(read(&ak), before);
+}
+
+#[test]
+fn share_mode_block_unblock_pregrant() {
+    let bed = Bed::new("tblock");
+    let ak = bed.authkeys();
+    let target = bed.target_arg();
+    let cust = Customer::start(&bed, "tblock", &["--target", &target]);
+    let mut conn = cust.connected(&bed);
+
+    // Ctrl-b X: blocked, answered without a popup.
+    cust.keys(&["C-b", "X"]);
+    assert!(state_line(&mut conn, "blocked"), "{:?}\n{}", conn.lines(), cust.diag());
+    conn.send(&bed.upgrade("b1"));
+    let ans = answer_to(&mut conn, "b1", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&ans, "reason"), Some("blocked"), "{ans}");
+    assert!(!popup_shown(&cust.screen()), "{}", cust.screen());
+    assert!(!has_block(&ak));
+
+    // Ctrl-b u from blocked: back to confirm (requests ask again).
+    cust.keys(&["C-b", "u"]);
+    assert!(state_line(&mut conn, "confirm"), "{:?}", conn.lines());
+    conn.send(&bed.upgrade("b2"));
+    assert!(cust.wait_screen(secs(15), popup_shown), "no popup after unblock\n{}", cust.diag());
+    cust.keys(&["d"]);
+    let ans = answer_to(&mut conn, "b2", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
+
+    // Ctrl-b u from confirm: pre-grant; the next request installs without a popup.
+    cust.keys(&["C-b", "u"]);
+    assert!(state_line(&mut conn, "allowed"), "{:?}", conn.lines());
+    conn.send(&bed.upgrade("b3"));
+    let open = answer_to(&mut conn, "b3", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(open.starts_with("TUNNEL_OPEN "), "{open}");
+    assert!(!popup_shown(&cust.screen()));
+    assert!(login_works(port_of(&open), &bed.key));
+
+    // Ctrl-b X with an active tunnel: revoked first, then blocked.
+    cust.keys(&["C-b", "X"]);
+    let closed = conn.wait_verb(secs(15), "TUNNEL_CLOSED").unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&closed, "reason"), Some("revoked"));
+    assert!(state_line(&mut conn, "blocked"), "{:?}", conn.lines());
+    assert!(!has_block(&ak));
+    assert!(!login_works(bed.target.port, &bed.key));
+}
+
+#[test]
+fn restricted_mode_refuses_tunnels() {
+    let bed = Bed::new("trestr");
+    let before: &[u8] = b"# only this\n";
+    std::fs::write(bed.authkeys(), before).unwrap();
+    let cust = Customer::start(&bed, "trestr", &["--restricted"]);
+    let mut conn = cust.connected(&bed);
+    conn.send(&bed.upgrade("x1"));
+    let ans = answer_to(&mut conn, "x1", secs(10)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert_eq!(line_field(&ans, "reason"), Some("restricted"), "{ans}");
+    assert!(!popup_shown(&cust.screen()));
+    // The hotkeys cannot open a tunnel either.
+    cust.keys(&["C-b", "u"]);
+    conn.send(&bed.upgrade("x2"));
+    let ans = answer_to(&mut conn, "x2", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&ans, "reason"), Some("restricted"), "{ans}");
+    assert_eq!(read(&bed.authkeys()), before);
+}
+
+#[test]
+fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
+    let bed = Bed::new("tqueue");
+    let target = bed.target_arg();
+    let cust = Customer::start(&bed, "tqueue", &["--target", &target]);
+    let mut conn = cust.connected(&bed);
+    let key = format!("{}\n", bed.key.public_line);
+    let title = |who: &str| format!("Support ({who}) asks for an SSH tunnel");
+
+    conn.send(&upgrade_line("q1", "first@linbit.com", &key));
+    assert!(
+        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
+        "{}",
+        cust.diag()
+    );
+    // Dismissed without an answer (Escape): the request is not lost, the popup comes back.
+    cust.keys(&["Escape"]);
+    assert!(cust.wait_screen(secs(4), |s| !popup_shown(s)), "Escape did not close the popup\n{}", cust.screen());
+    assert!(
+        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
+        "a dismissed popup never came back\n{}",
+        cust.diag()
+    );
+    // Asked while the first popup is open: not refused, not shown over it.
+    conn.send(&upgrade_line("q2", "second@linbit.com", &key));
+    conn.send("PING 77");
+    assert!(conn.wait_for(secs(10), |l| l == "PONG 77").is_some(), "{:?}", conn.lines());
+    assert!(
+        !conn.lines().iter().any(|l| l.starts_with("TUNNEL_") && line_field(l, "req") == Some("q2")),
+        "q2 answered before it was asked: {:?}",
+        conn.lines()
+    );
+    cust.keys(&["d"]);
+    let a1 = answer_to(&mut conn, "q1", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&a1, "reason"), Some("denied"), "{a1}");
+    // The queued request gets its own popup, and a grant opens the tunnel.
+    assert!(
+        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("second@linbit.com"))),
+        "no popup for the queued request\n{}",
+        cust.diag()
+    );
+    cust.keys(&["g"]);
+    let a2 = answer_to(&mut conn, "q2", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(a2.starts_with("TUNNEL_OPEN "), "{a2}");
+    assert!(login_works(port_of(&a2), &bed.key));
+}
