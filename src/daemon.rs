@@ -427,7 +427,7 @@ impl Daemon {
             }
             RelayMsg::Upgrade { req, from, keys } => self.on_upgrade(req, from, keys),
             RelayMsg::Revoke => {
-                let fx = self.tunnel.revoke().unwrap_or_default();
+                let fx = self.tunnel.relay_revoke();
                 self.apply(fx, protocol::CloseReason::Relay);
                 self.send_state();
             }

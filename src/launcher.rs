@@ -68,13 +68,50 @@ pub fn auth_from_name(s: &str) -> Option<ssh::AuthPath> {
 }
 
 /// Remove every linbit-tunl block left by a session that could not clean up (killed, power loss).
+/// A block whose session is still running on this host (another ID, its daemon alive) is not stale.
 pub fn sweep_stale_keys(path: &Path) -> Result<(), String> {
-    match std::fs::symlink_metadata(path) {
-        Err(_) => Ok(()),
-        Ok(_) => authkeys::edit(path, |old| authkeys::remove_blocks(old, None))
-            .map(|_| ())
-            .map_err(|e| format!("cannot clean stale support keys from {}: {e}", path.display())),
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
     }
+    authkeys::edit(path, |old| {
+        let mut out = old.to_vec();
+        for id in block_ids(old) {
+            if !session_alive(&id) {
+                out = authkeys::remove_blocks(&out, Some(&id));
+            }
+        }
+        out
+    })
+    .map(|_| ())
+    .map_err(|e| format!("cannot clean stale support keys from {}: {e}", path.display()))
+}
+
+/// The session IDs named by `# linbit-tunl-begin ID` lines.
+fn block_ids(content: &[u8]) -> Vec<String> {
+    let mut ids: Vec<String> = content
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.strip_prefix(b"# linbit-tunl-begin "))
+        .map(|id| String::from_utf8_lossy(id.strip_suffix(b"\r").unwrap_or(id)).into_owned())
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// Is a daemon of this session running here? Its directory names its pid; the pid must still be a
+/// linbit-tunl daemon (pids are reused).
+fn session_alive(id: &str) -> bool {
+    if !crate::cli::valid_session_id(id) {
+        return false;
+    }
+    let dir = sessiondir::dir_for(id);
+    let Some(pid) = std::fs::read_to_string(dir.join("daemon.pid")).ok().and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    // The tmux daemon names its directory; the foreground `--tunnel` one its session ID.
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| contains(&c, dir.as_os_str().as_encoded_bytes()) || contains(&c, id.as_bytes()))
 }
 
 /// Ephemeral key, then a certificate from the signing API (with a token), else keyboard-interactive.
@@ -121,6 +158,8 @@ fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<ssh::Au
 
 fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 {
     let debug = cfg.debug;
+    // Lets a session started meanwhile tell that our keys are not stale.
+    let _ = std::fs::write(dir.file("daemon.pid"), format!("{}\n", std::process::id()));
     let mut d = match Daemon::new(cfg, dir, auth_path, true) {
         Ok(d) => d,
         Err(e) => {

@@ -44,6 +44,9 @@ const OUR_FILES: &[&str] = &[
     "state",
     "exit",
     "sharekey",
+    "daemon.pid",
+    "keys.restore",
+    "prefix-check.sock",
 ];
 
 impl SessionDir {

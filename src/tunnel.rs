@@ -90,6 +90,8 @@ pub struct Tunnel {
     pending: VecDeque<Pending>,
     /// Requests whose keys are installed and announced with `TUNNEL_OPEN`.
     open_reqs: Vec<String>,
+    /// `--tunnel`: the forward belongs to the whole session, not to one grant.
+    tunnel_mode: bool,
 }
 
 impl Tunnel {
@@ -106,6 +108,7 @@ impl Tunnel {
             forward_open: false,
             pending: VecDeque::new(),
             open_reqs: Vec::new(),
+            tunnel_mode: mode == Mode::Tunnel,
         }
     }
 
@@ -278,7 +281,26 @@ impl Tunnel {
         self.pregrant = false;
     }
 
-    /// Ctrl-b U or relay REVOKE: back to confirm.
+    /// Relay `REVOKE`: support is done with the tunnel. Its keys go and `TUNNEL_CLOSED` is due; what
+    /// the customer decided stays: a pre-grant (Ctrl-b u or `--tunnel`) still grants the next request,
+    /// and with `--tunnel` the session's forward stays open.
+    pub fn relay_revoke(&mut self) -> Vec<Effect> {
+        if self.state != State::Active {
+            return Vec::new();
+        }
+        let mut fx = Vec::new();
+        if self.forward_open && !self.tunnel_mode {
+            fx.push(Effect::CancelForward);
+            self.forward_open = false;
+        }
+        fx.push(Effect::RemoveKeys);
+        fx.push(Effect::Closed(CloseReason::Revoked));
+        self.open_reqs.clear();
+        self.state = if self.pregrant { State::Allowed } else { State::Confirm };
+        fx
+    }
+
+    /// Ctrl-b U: back to confirm, closing an active tunnel and clearing a pre-grant.
     pub fn revoke(&mut self) -> Result<Vec<Effect>, &'static str> {
         let mut fx = Vec::new();
         match self.state {
@@ -341,6 +363,38 @@ mod tests {
     }
     fn inst(req: &str) -> Vec<Effect> {
         vec![Effect::Install { req: req.into(), keys: b"k".to_vec() }]
+    }
+
+    #[test]
+    fn relay_revoke_keeps_what_the_customer_decided() {
+        let closed = |cancel: bool| {
+            let mut v = if cancel { vec![Effect::CancelForward] } else { vec![] };
+            v.extend([Effect::RemoveKeys, Effect::Closed(CloseReason::Revoked)]);
+            v
+        };
+        // Granted through the popup: back to asking, the per-grant forward closed.
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "eng", b"k".to_vec());
+        assert_eq!(t.answer("1", true), inst("1"));
+        t.opened("1");
+        assert_eq!(t.relay_revoke(), closed(true));
+        assert_eq!(t.state(), State::Confirm);
+        // Pre-granted with Ctrl-b u: the pre-grant stands.
+        let mut t = Tunnel::new(Mode::Share);
+        t.grant().unwrap();
+        assert_eq!(t.upgrade("2", "eng", b"k".to_vec()), inst("2"));
+        t.opened("2");
+        assert_eq!(t.relay_revoke(), closed(true));
+        assert_eq!(t.state(), State::Allowed);
+        // --tunnel: the session's forward stays open for the next request.
+        let mut t = Tunnel::new(Mode::Tunnel);
+        t.forward_opened();
+        t.opened("3");
+        assert_eq!(t.relay_revoke(), closed(false));
+        assert_eq!((t.state(), t.forward_open()), (State::Allowed, true));
+        // Nothing open: nothing to do, nothing sent.
+        assert!(t.relay_revoke().is_empty());
+        assert!(Tunnel::new(Mode::Restricted).relay_revoke().is_empty());
     }
 
     #[test]

@@ -139,11 +139,16 @@ fn tunnel_mode_grant_relay_revoke_and_sigterm() {
     assert!(!has_block(&bed.authkeys()), "{:?}", String::from_utf8_lossy(&read(&bed.authkeys())));
     assert!(!login_works(port, &bed.key), "login through the revoked tunnel still works");
     assert!(!login_works(bed.target.port, &bed.key), "support key still accepted by the target");
-    // The revoke cleared the --tunnel pre-grant: without a terminal nobody can confirm a new request.
-    conn.send(&bed.upgrade("r2"));
-    let ans = answer_to(&mut conn, "r2", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
-    assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
+    // Support being done does not undo the customer's --tunnel: the next request is granted again,
+    // through the session's forward, and a second REVOKE takes the key away again.
+    let st = conn.wait_for(secs(10), |l| l.starts_with("STATE") && l.contains("tunnel=allowed"));
+    assert!(st.is_some(), "{:?}", conn.lines());
+    let port2 = open_tunnel(&bed, &fg, &mut conn, "r2");
+    assert_eq!(port2, port, "--tunnel keeps the forward it opened at connect");
+    conn.send("REVOKE");
+    assert!(conn.wait_verb(secs(15), "TUNNEL_CLOSED").is_some(), "{:?}", conn.lines());
     assert!(!has_block(&bed.authkeys()));
+    assert!(!login_works(port, &bed.key), "login after the second revoke still works");
 
     // SIGTERM with nothing active: 143 and no key in the file.
     fg.signal("TERM");
@@ -275,6 +280,24 @@ fn a_stale_block_from_a_killed_session_is_swept_at_start() {
     fg.signal("TERM");
     assert_eq!(fg.wait(secs(15)), Some(143));
     assert_eq!(read(&ak), expect);
+}
+
+#[test]
+fn the_block_of_a_session_still_running_here_is_not_stale() {
+    let bed = Bed::new("tlive");
+    let (mut first, mut conn) = bed.foreground("tlive");
+    let port = open_tunnel(&bed, &first, &mut conn, "l1");
+    let before = read(&bed.authkeys());
+    // A second session on the same host and file starts while the first one's tunnel is open.
+    let (mut second, _conn2) = bed.foreground("tlive");
+    assert_eq!(read(&bed.authkeys()), before, "the running session's block was swept");
+    assert!(login_works(port, &bed.key), "the running session's tunnel was broken");
+    second.signal("TERM");
+    assert_eq!(second.wait(secs(15)), Some(143));
+    assert_eq!(read(&bed.authkeys()), before, "the second session removed another session's keys");
+    first.signal("TERM");
+    assert_eq!(first.wait(secs(15)), Some(143));
+    assert!(!has_block(&bed.authkeys()));
 }
 
 // ---- 6: reconnect --------------------------------------------------------------------------------
