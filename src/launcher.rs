@@ -20,8 +20,14 @@ fn say(msg: &str) {
     eprintln!("linbit-tunl: {msg}");
 }
 
+/// Exit status for a signal that interrupted the set-up.
+fn interrupted_status(sig: i32) -> u8 {
+    if sig == signals::SIGTERM { 143 } else { 130 }
+}
+
 pub fn run(cfg: Config) -> u8 {
     let foreground = cfg.mode == Mode::Tunnel && which("tmux").is_none();
+    signals::hold();
     let dir = match SessionDir::create(&cfg.session_id) {
         Ok(d) => d,
         Err(e) => {
@@ -29,6 +35,21 @@ pub fn run(cfg: Config) -> u8 {
             return 1;
         }
     };
+    let status = prepare_and_run(cfg, &dir, foreground);
+    if let Some(sig) = signals::held().filter(|_| status == INTERRUPTED) {
+        // Stopped during set-up: nothing of the session may stay, least of all the key.
+        say("interrupted before the session started; nothing was left behind");
+        dir.remove();
+        return interrupted_status(sig);
+    }
+    status
+}
+
+/// A status that says "a held signal stopped the set-up"; never an exit status of its own.
+const INTERRUPTED: u8 = 255;
+
+fn prepare_and_run(cfg: Config, dir: &SessionDir, foreground: bool) -> u8 {
+    let dir = SessionDir { path: dir.path.clone() };
     let mut log = Log::open(&dir.file("debug.log"));
     log.line(&format!("linbit-tunl {} starting, mode {}", crate::cli::VERSION, cfg.mode.as_str()));
     if let Err(e) = sweep_stale_keys(&cfg.authkeys_file) {
@@ -36,7 +57,9 @@ pub fn run(cfg: Config) -> u8 {
         return 1;
     }
     let auth_path = match authenticate(&cfg, &dir, &mut log) {
+        Ok(_) if signals::held().is_some() => return INTERRUPTED,
         Ok(a) => a,
+        Err(_) if signals::held().is_some() => return INTERRUPTED,
         Err(e) => {
             say(&e);
             log.line(&format!("fatal: {e}"));
@@ -160,6 +183,9 @@ fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 
     let debug = cfg.debug;
     // Lets a session started meanwhile tell that our keys are not stale.
     let _ = std::fs::write(dir.file("daemon.pid"), format!("{}\n", std::process::id()));
+    if signals::held().is_some() {
+        return INTERRUPTED;
+    }
     let mut d = match Daemon::new(cfg, dir, auth_path, true) {
         Ok(d) => d,
         Err(e) => {
@@ -353,6 +379,16 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
                 say(&format!("session files kept in {}", dir.path.display()));
                 return 1;
             }
+        }
+        if let Some(sig) = signals::held() {
+            // The customer gave up while we were connecting: let the daemon end orderly first.
+            if let Some(pid) = std::fs::read_to_string(dir.file("daemon.pid")).ok().and_then(|p| p.trim().parse().ok())
+            {
+                signals::send(pid, sig);
+                wait_exit(&dir);
+            }
+            end_tmux(&sock);
+            return INTERRUPTED;
         }
         let server_gone = !attach && !sock.exists();
         if server_gone || Instant::now() >= deadline {

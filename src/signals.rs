@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 static PIPE_WR: AtomicI32 = AtomicI32::new(-1);
 /// The daemon's pid, for the launcher's forwarding handler.
 static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+/// A signal the launcher received before there was a daemon to pass it to.
+static HELD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     let fd = PIPE_WR.load(Ordering::Relaxed);
@@ -31,7 +33,9 @@ extern "C" fn on_alarm(_: libc::c_int) {
 
 extern "C" fn forward(sig: libc::c_int) {
     let pid = FORWARD_TO.load(Ordering::Relaxed);
-    if pid > 0 {
+    if pid <= 0 {
+        HELD.store(sig, Ordering::Relaxed);
+    } else {
         // SAFETY: kill(2) is async-signal-safe.
         unsafe {
             libc::kill(pid, sig);
@@ -106,6 +110,25 @@ pub fn forward_to(pid: i32) {
     FORWARD_TO.store(pid, Ordering::Relaxed);
     for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         install(s, forward);
+    }
+}
+
+/// In the launcher, until there is a daemon: hold SIGINT, SIGTERM and SIGHUP instead of dying, so
+/// the launcher can undo what it set up (the key, the certificate, a tmux server) before it exits.
+pub fn hold() {
+    forward_to(0);
+}
+
+/// The signal held since `hold`, if any.
+pub fn held() -> Option<i32> {
+    Some(HELD.load(Ordering::Relaxed)).filter(|&s| s != 0)
+}
+
+/// Send `sig` to a process of ours.
+pub fn send(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, sig);
     }
 }
 

@@ -301,3 +301,40 @@ fn idle_session_does_not_busy_wait() {
     fg.signal("TERM");
     assert_eq!(fg.wait(secs(15)), Some(143));
 }
+
+#[test]
+fn sigterm_while_connecting_leaves_nothing_behind() {
+    let relay = relay();
+    let scratch = Scratch::new("early");
+    let id = unique_id("early");
+    relay.register(&id, Some(TOKEN));
+    // Share mode with tmux, no terminal needed before the relay answers: the launcher is waiting.
+    let mut c = std::process::Command::new(BIN);
+    c.args(["--token", TOKEN, &id]).env_clear();
+    c.env("PATH", std::env::var("PATH").unwrap()).env("USER", relay.user()).env("HOME", scratch.path());
+    c.env("TUNL_AUTHKEYS_FILE", scratch.path().join("ak")).env("TUNL_RECORDING_DIR", scratch.path());
+    for (k, v) in relay.env() {
+        c.env(k, v);
+    }
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // The relay holds the hello unanswered: the session is half set up (key, certificate, tmux, ssh).
+    let conn = relay.accept(secs(30)).expect("hello");
+    assert!(session_dir(&id).join("sharekey").exists());
+    assert!(session_dir(&id).join("daemon.pid").exists());
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let deadline = secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "the launcher did not end");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status, Some(143), "{err}");
+    assert!(!session_dir(&id).exists(), "the key and certificate must not stay behind: {err}");
+    assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
+    drop(conn);
+}
