@@ -5,9 +5,9 @@
 //! The token is a secret: it goes into the HTTPS body and into `askpass.sh` (0700, in the 0700
 //! session directory) and nowhere else: no error text, no log line, no command line, no environment.
 
-use std::fs::{File, OpenOptions, Permissions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::File;
+use std::io::Read;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,19 +40,7 @@ pub const CERT_FILE: &str = "id_ed25519-cert.pub";
 pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
 pub const ASKPASS_FILE: &str = "askpass.sh";
 
-/// Create `path` with `mode`, failing if anything (file, symlink) is already there: O_CREAT|O_EXCL
-/// never follows a link an attacker planted. The mode is applied again through the open descriptor
-/// so a restrictive umask cannot leave e.g. askpass.sh without its execute bit.
-fn create_exclusive(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.set_permissions(Permissions::from_mode(mode)).map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
-    f.write_all(contents).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
+use crate::sessiondir::write_private as create_exclusive;
 
 /// Replace `path` atomically: exclusive create of a sibling temporary file, then rename over. Readers
 /// (ssh on reconnect) see either the old or the new file, never a torn one.
@@ -465,6 +453,8 @@ pub fn cert_still_valid(cert_path: &Path, now_unix: u64) -> bool {
 mod tests {
     use super::*;
     use ssh_key::certificate::Builder;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
 
     const NOW: u64 = 1_800_000_000;
 

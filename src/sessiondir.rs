@@ -134,15 +134,20 @@ pub fn make_fifo(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot create fifo {}: {e}", path.display()))
 }
 
-/// Write a small private file (0600) that must not exist yet.
+/// Create `path` with `mode` and `data`, failing if anything (file, symlink) is already there:
+/// O_CREAT|O_EXCL never follows a link an attacker planted. The mode is applied again through the
+/// open descriptor so a restrictive umask cannot leave e.g. askpass.sh without its execute bit.
 pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.write_all(data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// An append-only log where every line carries a UTC timestamp.
