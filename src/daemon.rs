@@ -897,34 +897,22 @@ impl Daemon {
         let words: Vec<&str> = line.split(' ').collect();
         match words.as_slice() {
             ["quit"] => self.begin_end(End::Customer),
-            ["grant"] => match self.tunnel.grant() {
-                Ok(fx) => {
-                    self.apply(fx, protocol::CloseReason::Revoked);
-                    self.chat_show(match self.tunnel.state() {
-                        tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
-                        tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
-                        _ => "tunnel already open",
-                    });
-                    self.send_state();
-                }
-                Err(e) => self.chat_show(e),
-            },
-            ["revoke"] => match self.tunnel.revoke() {
-                Ok(fx) => {
-                    self.apply(fx, protocol::CloseReason::Revoked);
-                    self.chat_show("tunnel revoked: each request will be asked for again");
-                    self.send_state();
-                }
-                Err(e) => self.chat_show(e),
-            },
-            ["block"] => match self.tunnel.block() {
-                Ok(fx) => {
-                    self.apply(fx, protocol::CloseReason::Revoked);
-                    self.chat_show("tunnel requests blocked (Ctrl-b u to unblock)");
-                    self.send_state();
-                }
-                Err(e) => self.chat_show(e),
-            },
+            ["grant"] => {
+                let r = self.tunnel.grant();
+                self.customer_tunnel(r, |t| match t.state() {
+                    tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
+                    tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
+                    _ => "tunnel already open",
+                });
+            }
+            ["revoke"] => {
+                let r = self.tunnel.revoke();
+                self.customer_tunnel(r, |_| "tunnel revoked: each request will be asked for again");
+            }
+            ["block"] => {
+                let r = self.tunnel.block();
+                self.customer_tunnel(r, |_| "tunnel requests blocked (Ctrl-b u to unblock)");
+            }
             ["brb"] => match self.tunnel.set_brb(true) {
                 Ok(()) => {
                     self.chat_show("BRB: support keystrokes are paused; /back to resume");
@@ -965,6 +953,18 @@ impl Daemon {
                 }
             }
             _ => self.log.line(&format!("ctl: unknown line dropped: {}", text::neutralize(line.as_bytes(), 80))),
+        }
+    }
+
+    /// Carry out the customer's tunnel decision (Ctrl-b u/U/X or the menu) and tell them what it did.
+    fn customer_tunnel(&mut self, r: Result<Vec<tunnel::Effect>, &'static str>, said: fn(&Tunnel) -> &'static str) {
+        match r {
+            Ok(fx) => {
+                self.apply(fx, protocol::CloseReason::Revoked);
+                self.chat_show(said(&self.tunnel));
+                self.send_state();
+            }
+            Err(e) => self.chat_show(e),
         }
     }
 
