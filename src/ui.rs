@@ -102,6 +102,7 @@ pub const BOUND_KEYS: &[(&str, &str)] = &[
     ("prefix", "Enter"),
     ("prefix", "?"),
     ("prefix", "z"),
+    ("prefix", "K"),
     ("root", "F1"),
     ("root", "Enter"),
     ("root", "q"),
@@ -179,6 +180,7 @@ pub fn cheat_sheet(prefix: &str) -> Vec<String> {
         ("Enter", "Main menu (also F1)"),
         ("?", "This cheat sheet"),
         ("z", "Zoom the current pane"),
+        ("K", "Kill the whole tmux session (same orderly end)"),
     ]
     .iter()
     .map(|(k, what)| format!("{:<14} {what}", format!("{p} {}", display_key(k))))
@@ -288,6 +290,11 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
     bind(&mut c, "Enter", &menu_command(exe, dir, f));
     bind(&mut c, "?", &cheat_sheet_command(prefix, f));
     bind(&mut c, "z", "resize-pane -Z");
+    // The manual's "Ctrl-b K kills the entire tmux session": the daemon sees its server go and runs
+    // the same orderly end. Inside the customer's own tmux (--attach) K stays theirs.
+    if !cfg.attach {
+        bind(&mut c, "K", "kill-session");
+    }
     if f.key_tables {
         line(&mut c, &format!("bind-key -n F1 {}", bound(&menu_command(exe, dir, f))));
         for (_, key) in MENU {
