@@ -83,3 +83,162 @@ fn typing_and_support_keys_round_trip() {
     assert!(conn.wait_output(secs(10), |o| contains(o, b"VI-GONE-6")), "{}", c.diag());
     assert!(c.wait_screen(secs(5), |s| s.contains("VI-GONE-6") && !s.contains("scratch-file-XYZ\" [New")));
 }
+
+/// Wait until the line `verb` with `field=value` arrives.
+fn wait_field(conn: &mut Conn, verb: &str, field: &str, value: &str) -> Option<String> {
+    conn.wait_for(secs(10), |l| l.split(' ').next() == Some(verb) && line_field(l, field) == Some(value))
+}
+
+/// A round trip through the daemon's loop: everything the relay sent before has been handled.
+fn sync(conn: &mut Conn, n: u32) {
+    conn.send(&format!("PING {n}"));
+    let want = format!("PONG {n}");
+    assert!(conn.wait_for(secs(10), |l| l == want).is_some(), "no {want}: {:?}", conn.lines());
+}
+
+/// Holds for the whole period (a bounded check that something does NOT happen).
+fn stays(for_ms: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(for_ms);
+    while std::time::Instant::now() < end {
+        if !f() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    true
+}
+
+#[test]
+fn ten_megabytes_arrive_complete_and_in_order() {
+    let relay = relay();
+    let id = unique_id("bulk");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    const N: u32 = 1_300_000;
+    // What the program prints, as the terminal delivers it (the pty turns \n into \r\n).
+    let mut expected = Vec::with_capacity(11 << 20);
+    for n in 1..=N {
+        expected.extend_from_slice(n.to_string().as_bytes());
+        expected.extend_from_slice(b"\r\n");
+    }
+    assert!(expected.len() > 10_000_000);
+    c.type_line(&format!("seq 1 {N}; echo BULK-$((40+2))-DONE"));
+    let tail = format!("\r\n{}\r\n{}\r\n", N - 1, N);
+    let done = conn.wait_output(secs(150), |o| contains(o, b"BULK-42-DONE"));
+    let out = conn.output();
+    assert!(done, "output incomplete after 150 s: {} of {} bytes\n{}", out.len(), expected.len(), c.diag());
+    assert!(!conn.saw_bad_output());
+    let start = find(&out, &expected[..64]).expect("the first lines of seq are not in the output");
+    let got = &out[start..(start + expected.len()).min(out.len())];
+    assert_eq!(got.len(), expected.len(), "output cut short");
+    if got != &expected[..] {
+        let at = got.iter().zip(expected.iter()).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "output differs at byte {at}: got {:?}, want {:?}",
+            String::from_utf8_lossy(&got[at.saturating_sub(40)..(at + 40).min(got.len())]),
+            String::from_utf8_lossy(&expected[at.saturating_sub(40)..(at + 40).min(expected.len())])
+        );
+    }
+    assert!(contains(&out, tail.as_bytes()));
+    // Nothing duplicated: the first line appears exactly once as the start of the sequence.
+    assert!(find(&out[start + 1..], &expected[..64]).is_none(), "the sequence was sent twice");
+    assert!(c.wait_screen(secs(10), |s| s.contains("BULK-42-DONE")));
+}
+
+#[test]
+fn chat_both_ways_and_status_rows() {
+    let relay = relay();
+    let id = unique_id("chat");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.type_line("echo KEEP-$((5+5))");
+    assert!(c.wait_screen(secs(10), |s| s.contains("KEEP-10")), "{}", c.diag());
+    assert_eq!(c.inner_fmt("#{@linbit-role}"), "shell");
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{@linbit-role}") == "chat"), "C-b c did not focus the chat");
+    let text = "hello from the customer, grüße";
+    c.type_line(text);
+    let line = conn.wait_verb(secs(10), "CHAT").unwrap_or_else(|| panic!("no CHAT: {:?}\n{}", conn.lines(), c.diag()));
+    let payload = line.split(' ').nth(1).unwrap();
+    assert_eq!(unb64(payload).map(|b| String::from_utf8(b).unwrap()), Some(text.to_string()), "{line}");
+    assert!(c.wait_screen(secs(5), |s| s.contains(&format!("customer> {text}"))));
+    // What the customer typed in the chat did not go to the shell.
+    assert!(!conn.output_text().contains("grüße"));
+
+    // Support's chat with escape sequences: shown as visible text, nothing obeyed.
+    conn.send(&chat_line("eve\x1b[31m", "\x1b[2J\x1b]52;c;aGk=\x07evil"));
+    assert!(
+        c.wait_screen(secs(10), |s| s.contains("support (eve^[[31m): ^[[2J^[]52;c;aGk=^Gevil")),
+        "support chat not shown neutralised:\n{}",
+        c.diag()
+    );
+    let s = c.screen();
+    assert!(s.contains("KEEP-10") && s.contains("[SHELL]") && s.contains("[CHAT]"), "the screen was cleared:\n{s}");
+    assert!(s.contains(&format!("customer> {text}")), "the chat history was cleared:\n{s}");
+    // No OSC 52 reached either tmux's clipboard.
+    assert_eq!(c.inner(&["list-buffers"]), "", "OSC 52 set a buffer in the session's tmux");
+    assert_eq!(c.outer(&["list-buffers"]), "", "OSC 52 reached the customer's terminal");
+
+    // The pinned status rows: viewer count and support's note, also neutralised.
+    conn.send("VIEWERS 3");
+    conn.send(&note_line("reading the logs\x1b[5m now"));
+    assert!(
+        c.wait_screen(secs(10), |s| s.contains("viewers: 3") && s.contains("reading the logs^[[5m now")),
+        "status rows not updated:\n{}",
+        c.diag()
+    );
+    assert!(c.wait_screen(secs(5), |s| s.contains("viewers 3")), "status bar not updated:\n{}", c.screen());
+    // The note is pinned: more chat lines do not scroll it away.
+    for i in 0..12 {
+        conn.send(&chat_line("eve", &format!("line {i}")));
+    }
+    assert!(c.wait_screen(secs(10), |s| s.contains("support (eve): line 11")));
+    let s = c.screen();
+    assert!(s.contains("reading the logs") && s.contains("viewers: 3"), "status rows scrolled away:\n{s}");
+    // An empty note clears the row.
+    conn.send(&note_line(""));
+    assert!(c.wait_screen(secs(10), |s| !s.contains("reading the logs")), "{}", c.screen());
+}
+
+#[test]
+fn restricted_mode_drops_support_keys() {
+    let relay = relay();
+    let id = unique_id("watch");
+    let (c, mut conn) = Customer::connect(&relay, &id, &["--restricted"], &[]);
+    assert_eq!(conn.hello_field("mode"), Some("restricted"));
+    let st = conn.wait_verb(secs(10), "STATE").unwrap();
+    assert_eq!(line_field(&st, "mode"), Some("restricted"), "{st}");
+    assert_eq!(line_field(&st, "tunnel"), Some("off"), "{st}");
+    assert!(c.wait_screen(secs(5), |s| s.contains("[watch-only]") && s.contains("mode: restricted")), "{}", c.screen());
+    conn.send(&k_line(b"echo RESTRICTED-$((3*3))\r"));
+    sync(&mut conn, 1);
+    assert!(c.ssh_log().contains("dropped K restricted"), "{}", c.ssh_log());
+    // The customer can still type, and what they type is shared; support's line never ran.
+    c.type_line("echo OWN-$((4*4))");
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"OWN-16")), "{}", c.diag());
+    assert!(!c.screen().contains("RESTRICTED"), "{}", c.screen());
+    assert!(!conn.output_text().contains("RESTRICTED"));
+}
+
+#[test]
+fn brb_pauses_support_keys_until_back() {
+    let relay = relay();
+    let id = unique_id("brb");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    assert!(wait_field(&mut conn, "STATE", "brb", "0").is_some());
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{@linbit-role}") == "chat"));
+    c.type_line("/brb");
+    assert!(wait_field(&mut conn, "STATE", "brb", "1").is_some(), "no STATE brb=1: {:?}", conn.lines());
+    assert!(c.wait_screen(secs(5), |s| s.contains("BRB")), "{}", c.screen());
+    // A slash command is not chat.
+    assert!(!conn.lines().iter().any(|l| l.starts_with("CHAT ")), "{:?}", conn.lines());
+    conn.send(&k_line(b"echo PAUSED-$((7*7))\r"));
+    sync(&mut conn, 1);
+    assert!(c.ssh_log().contains("dropped K brb"), "{}", c.ssh_log());
+    c.type_line("/back");
+    assert!(wait_field(&mut conn, "STATE", "brb", "0").is_some(), "no STATE brb=0: {:?}", conn.lines());
+    conn.send(&k_line(b"echo RESUMED-$((8*8))\r"));
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"RESUMED-64")), "{}", c.diag());
+    // Had the paused keys been delivered late, they would have run before these.
+    assert!(!conn.output_text().contains("PAUSED"));
+    assert!(!c.screen().contains("PAUSED-49"));
+}
