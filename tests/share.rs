@@ -242,3 +242,162 @@ fn brb_pauses_support_keys_until_back() {
     assert!(!conn.output_text().contains("PAUSED"));
     assert!(!c.screen().contains("PAUSED-49"));
 }
+
+fn role(c: &Customer) -> String {
+    c.inner_fmt("#{@linbit-role}")
+}
+
+fn chat_height(c: &Customer) -> String {
+    c.inner(&["display-message", "-p", "-t", "tunl:0.1", "#{pane_height}"]).trim().to_string()
+}
+
+/// Close a menu or popup and wait until `gone` is no longer on the screen.
+fn close_menu(c: &Customer, gone: &str) {
+    c.keys(&["Escape"]);
+    assert!(c.wait_screen(secs(5), |s| !s.contains(gone)), "menu with {gone:?} did not close:\n{}", c.screen());
+}
+
+#[test]
+fn hotkeys_with_the_default_prefix() {
+    let relay = relay();
+    let id = unique_id("keys");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some());
+    // Focus: c and C-c toggle between shell and chat.
+    assert_eq!(role(&c), "shell");
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    c.keys(&["C-b", "C-c"]);
+    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    // Zoom.
+    c.keys(&["C-b", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
+    assert!(c.wait_screen(secs(5), |s| !s.contains("[CHAT]")), "{}", c.screen());
+    c.keys(&["C-b", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
+    // The customer messes up the layout; L puts it back (and so does C-l).
+    assert_eq!(chat_height(&c), "8");
+    c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "25"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "25"));
+    c.keys(&["C-b", "L"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b L: chat height {}", chat_height(&c));
+    c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "3"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "3"));
+    c.keys(&["C-b", "C-l"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b C-l: chat height {}", chat_height(&c));
+    // The cheat sheet, with the active prefix.
+    c.keys(&["C-b", "?"]);
+    assert!(
+        c.wait_screen(secs(5), |s| s.contains("This cheat sheet") && s.contains("Ctrl-b Q") && s.contains("/brb")),
+        "no cheat sheet:\n{}",
+        c.screen()
+    );
+    close_menu(&c, "This cheat sheet");
+    // The menu, from F1 and from C-b Enter; its entries act.
+    for keys in [&["F1"][..], &["C-b", "Enter"][..]] {
+        c.keys(keys);
+        assert!(
+            c.wait_screen(secs(5), |s| [
+                "Go to chat",
+                "Reset layout",
+                "Grant tunnel",
+                "Revoke tunnel",
+                "Block tunnel",
+                "End session for good"
+            ]
+            .iter()
+            .all(|e| s.contains(e))),
+            "{keys:?}: no menu:\n{}",
+            c.screen()
+        );
+        close_menu(&c, "Go to chat");
+    }
+    c.keys(&["F1"]);
+    assert!(c.wait_screen(secs(5), |s| s.contains("Go to chat")));
+    c.keys(&["c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"), "menu entry c did not move to the chat");
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    // The tunnel state keys.
+    c.keys(&["C-b", "u"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "allowed").is_some(), "C-b u: {:?}", conn.lines());
+    c.keys(&["C-b", "U"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b U: {:?}", conn.lines());
+    c.keys(&["C-b", "X"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "blocked").is_some(), "C-b X: {:?}", conn.lines());
+    assert!(c.wait_screen(secs(5), |s| s.contains("tunnel blocked")), "{}", c.screen());
+    c.keys(&["C-b", "u"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b u unblocks: {:?}", conn.lines());
+    // A dead shell: Enter respawns it, and the new shell is shared.
+    c.type_line("exit");
+    assert!(poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"));
+    assert!(c.wait_screen(secs(5), |s| s.contains("Shell ended")), "{}", c.screen());
+    c.keys(&["Enter"]);
+    assert!(poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "0"));
+    c.type_line("echo REBORN-$((9*9))");
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"REBORN-81")), "respawned shell not shared:\n{}", c.diag());
+    // q on a live shell is just a letter...
+    c.type_text("q");
+    assert!(c.wait_screen(secs(5), |s| s.lines().any(|l| l.trim_end().ends_with("# q"))), "{}", c.screen());
+    c.keys(&["C-u"]);
+    // ...and on a dead one it ends the session for good.
+    c.type_line("exit");
+    assert!(c.wait_screen(secs(5), |s| s.contains("Shell ended")), "{}", c.screen());
+    c.keys(&["q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    c.assert_clean();
+}
+
+#[test]
+fn another_prefix_drives_the_same_keys() {
+    let relay = relay();
+    let id = unique_id("prefix");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[("TUNL_PREFIX", "C-a")]);
+    let s = c.screen();
+    assert!(s.contains("[SHELL] prefix Ctrl-a") && s.contains("[CHAT] prefix Ctrl-a"), "pane labels:\n{s}");
+    assert!(s.contains("prefix Ctrl-a | F1 menu | Ctrl-a ? help"), "status bar:\n{s}");
+    assert!(!s.contains("Ctrl-b"), "{s}");
+    c.keys(&["C-a", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    c.keys(&["C-a", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    c.keys(&["C-a", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
+    c.keys(&["C-a", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
+    c.keys(&["C-a", "?"]);
+    assert!(c.wait_screen(secs(5), |s| s.contains("Ctrl-a Q") && s.contains("Ctrl-a c")), "{}", c.screen());
+    close_menu(&c, "This cheat sheet");
+    c.keys(&["C-a", "u"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "allowed").is_some(), "C-a u: {:?}", conn.lines());
+    // C-b is an ordinary key now: it reaches the shell (a nested tmux would get it).
+    c.type_line("cat -v");
+    c.keys(&["C-b", "c"]);
+    c.keys(&["Enter"]);
+    assert!(
+        c.wait_screen(secs(5), |s| s.lines().any(|l| l.trim_end() == "^Bc")),
+        "C-b did not reach the shell:\n{}",
+        c.screen()
+    );
+    assert_eq!(role(&c), "shell");
+    c.keys(&["C-d"]);
+    c.keys(&["C-a", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    c.assert_clean();
+}
+
+#[test]
+fn invalid_prefix_falls_back_to_ctrl_b_with_a_warning() {
+    let relay = relay();
+    let id = unique_id("bogus");
+    let (c, _conn) = Customer::connect(&relay, &id, &[], &[("TUNL_PREFIX", "Bogus-Key")]);
+    assert!(c.screen().contains("[SHELL] prefix Ctrl-b"), "{}", c.screen());
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    let h = c.history();
+    let warn = h.lines().find(|l| l.contains("TUNL_PREFIX")).unwrap_or_else(|| panic!("no warning:\n{h}"));
+    assert!(warn.contains("Bogus-Key") && warn.contains("C-b"), "{warn}");
+}
