@@ -281,8 +281,11 @@ fn hotkeys_with_the_default_prefix() {
     assert!(poll_until(secs(5), || chat_height(&c) == "25"));
     c.keys(&["C-b", "L"]);
     assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b L: chat height {}", chat_height(&c));
-    c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "3"]);
-    assert!(poll_until(secs(5), || chat_height(&c) == "3"));
+    // L also asks the daemon to re-apply the layout, a moment later: resize until it sticks.
+    assert!(poll_until(secs(5), || {
+        c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "3"]);
+        stays(300, || chat_height(&c) == "3")
+    }));
     c.keys(&["C-b", "C-l"]);
     assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b C-l: chat height {}", chat_height(&c));
     // The cheat sheet, with the active prefix.
@@ -342,7 +345,11 @@ fn hotkeys_with_the_default_prefix() {
     c.keys(&["C-u"]);
     // ...and on a dead one it ends the session for good.
     c.type_line("exit");
-    assert!(c.wait_screen(secs(5), |s| s.contains("Shell ended")), "{}", c.screen());
+    assert!(
+        poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"),
+        "{}",
+        c.diag()
+    );
     c.keys(&["q"]);
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
     assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
@@ -400,4 +407,256 @@ fn invalid_prefix_falls_back_to_ctrl_b_with_a_warning() {
     let h = c.history();
     let warn = h.lines().find(|l| l.contains("TUNL_PREFIX")).unwrap_or_else(|| panic!("no warning:\n{h}"));
     assert!(warn.contains("Bogus-Key") && warn.contains("C-b"), "{warn}");
+}
+
+/// A minimal JSON reader for the recording's lines (the test crate has no JSON dependency).
+#[derive(Debug, PartialEq)]
+enum J {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(String, J)>),
+}
+
+impl J {
+    fn get(&self, k: &str) -> Option<&J> {
+        match self {
+            J::Obj(v) => v.iter().find(|(key, _)| key == k).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+fn parse_json(s: &str) -> Option<J> {
+    fn ws(b: &[u8], i: &mut usize) {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    }
+    fn val(b: &[u8], i: &mut usize) -> Option<J> {
+        ws(b, i);
+        match *b.get(*i)? {
+            b'{' => {
+                *i += 1;
+                let mut v = Vec::new();
+                ws(b, i);
+                if b.get(*i) == Some(&b'}') {
+                    *i += 1;
+                    return Some(J::Obj(v));
+                }
+                loop {
+                    ws(b, i);
+                    let J::Str(k) = val(b, i)? else { return None };
+                    ws(b, i);
+                    (b.get(*i) == Some(&b':')).then_some(())?;
+                    *i += 1;
+                    v.push((k, val(b, i)?));
+                    ws(b, i);
+                    match b.get(*i)? {
+                        b',' => *i += 1,
+                        b'}' => {
+                            *i += 1;
+                            return Some(J::Obj(v));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' => {
+                *i += 1;
+                let mut v = Vec::new();
+                ws(b, i);
+                if b.get(*i) == Some(&b']') {
+                    *i += 1;
+                    return Some(J::Arr(v));
+                }
+                loop {
+                    v.push(val(b, i)?);
+                    ws(b, i);
+                    match b.get(*i)? {
+                        b',' => *i += 1,
+                        b']' => {
+                            *i += 1;
+                            return Some(J::Arr(v));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'"' => {
+                *i += 1;
+                let mut out: Vec<u16> = Vec::new();
+                let mut s = String::new();
+                loop {
+                    let c = *b.get(*i)?;
+                    *i += 1;
+                    match c {
+                        b'"' => break,
+                        b'\\' => {
+                            let e = *b.get(*i)?;
+                            *i += 1;
+                            let ch = match e {
+                                b'n' => '\n',
+                                b't' => '\t',
+                                b'r' => '\r',
+                                b'b' => '\u{8}',
+                                b'f' => '\u{c}',
+                                b'/' => '/',
+                                b'\\' => '\\',
+                                b'"' => '"',
+                                b'u' => {
+                                    let h = std::str::from_utf8(b.get(*i..*i + 4)?).ok()?;
+                                    *i += 4;
+                                    out.push(u16::from_str_radix(h, 16).ok()?);
+                                    if let Ok(t) = String::from_utf16(&out) {
+                                        s.push_str(&t);
+                                        out.clear();
+                                    }
+                                    continue;
+                                }
+                                _ => return None,
+                            };
+                            s.push(ch);
+                        }
+                        c if c < 0x20 => return None,
+                        _ => {
+                            // Copy one UTF-8 sequence as it is.
+                            let start = *i - 1;
+                            let len = match c {
+                                0x00..=0x7f => 1,
+                                0xc0..=0xdf => 2,
+                                0xe0..=0xef => 3,
+                                _ => 4,
+                            };
+                            *i = start + len;
+                            s.push_str(std::str::from_utf8(b.get(start..start + len)?).ok()?);
+                        }
+                    }
+                }
+                out.is_empty().then_some(J::Str(s))
+            }
+            b't' if b[*i..].starts_with(b"true") => {
+                *i += 4;
+                Some(J::Bool(true))
+            }
+            b'f' if b[*i..].starts_with(b"false") => {
+                *i += 5;
+                Some(J::Bool(false))
+            }
+            b'n' if b[*i..].starts_with(b"null") => {
+                *i += 4;
+                Some(J::Null)
+            }
+            _ => {
+                let start = *i;
+                while *i < b.len() && (b[*i].is_ascii_digit() || b"+-.eE".contains(&b[*i])) {
+                    *i += 1;
+                }
+                std::str::from_utf8(&b[start..*i]).ok()?.parse().ok().map(J::Num)
+            }
+        }
+    }
+    let b = s.as_bytes();
+    let mut i = 0;
+    let v = val(b, &mut i)?;
+    ws(b, &mut i);
+    (i == b.len()).then_some(v)
+}
+
+/// Check an asciinema v2 file; returns the concatenated output events.
+fn check_cast(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header = parse_json(lines.next().expect("empty recording")).expect("header is not JSON");
+    assert_eq!(header.get("version"), Some(&J::Num(2.0)), "{header:?}");
+    assert!(matches!(header.get("width"), Some(J::Num(w)) if *w > 0.0), "{header:?}");
+    assert!(matches!(header.get("height"), Some(J::Num(h)) if *h > 0.0), "{header:?}");
+    let mut out = String::new();
+    let mut last = 0.0;
+    for l in lines {
+        let ev = parse_json(l).unwrap_or_else(|| panic!("event line is not JSON: {l:?}"));
+        let J::Arr(v) = ev else { panic!("event is not an array: {l}") };
+        assert_eq!(v.len(), 3, "{l}");
+        let J::Num(t) = v[0] else { panic!("{l}") };
+        assert!(t >= last, "time goes backwards: {l}");
+        last = t;
+        let (J::Str(kind), J::Str(data)) = (&v[1], &v[2]) else { panic!("{l}") };
+        assert!(kind == "o" || kind == "r", "{l}");
+        if kind == "o" {
+            out.push_str(data);
+        }
+    }
+    out
+}
+
+#[test]
+fn quit_key_ends_cleanly_and_leaves_a_recording() {
+    let relay = relay();
+    let id = unique_id("quit");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.type_line("echo MARKER-$((6*7))");
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"MARKER-42")));
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_closed(secs(10)), "the link stayed open");
+    c.assert_clean();
+    let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
+    assert!(rec.starts_with(c.scratch.path()), "TUNL_RECORDING_DIR not used: {}", rec.display());
+    assert!(rec.extension().is_some_and(|e| e == "cast"), "{}", rec.display());
+    let out = check_cast(&rec);
+    assert!(out.contains("MARKER-42"), "the recording lacks the session's output:\n{out}");
+    let meta = std::fs::metadata(&rec).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o077, 0, "the recording is readable by others");
+}
+
+fn ends_by_signal(sig: &str, status: i32) {
+    let relay = relay();
+    let id = unique_id(&format!("sig{}", sig.to_lowercase()));
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    let pid = c.daemon_pid().expect("daemon.pid");
+    assert!(std::process::Command::new("kill").args(["-s", sig, &pid.to_string()]).status().unwrap().success());
+    assert_eq!(c.wait_status(secs(20)), Some(status), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=signal").is_some(), "{:?}", conn.lines());
+    c.assert_clean();
+    let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
+    check_cast(&rec);
+}
+
+#[test]
+fn sigterm_to_the_daemon_gives_143() {
+    ends_by_signal("TERM", 143);
+}
+
+#[test]
+fn sigint_to_the_daemon_gives_130() {
+    ends_by_signal("INT", 130);
+}
+
+#[test]
+fn killed_tmux_server_still_cleans_up() {
+    let relay = relay();
+    let id = unique_id("killed");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.inner(&["kill-server"]);
+    // The session did not end by the customer's choice nor by a fatal error: an orderly end (0).
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_verb(secs(5), "BYE").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_closed(secs(10)), "the link stayed open");
+    c.assert_clean();
+}
+
+#[test]
+fn relay_close_ends_with_zero() {
+    let relay = relay();
+    let id = unique_id("closed");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    conn.send(&close_line("case solved, thanks"));
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=relay-close").is_some(), "{:?}", conn.lines());
+    c.assert_clean();
+    assert!(c.history().contains("case solved, thanks"), "the reason was not shown:\n{}", c.history());
 }
