@@ -132,6 +132,8 @@ pub struct Daemon {
     /// The support keys in our authorized_keys block (all granted requests of this session).
     installed: Vec<String>,
     end: Option<End>,
+    /// Why the session ended, for the launcher to print once the customer's terminal is back.
+    farewell: String,
     host: String,
     ips: Vec<String>,
 }
@@ -172,6 +174,7 @@ impl Daemon {
             requesters: Vec::new(),
             installed: Vec::new(),
             end: None,
+            farewell: String::new(),
             host,
             ips,
         })
@@ -434,7 +437,8 @@ impl Daemon {
             RelayMsg::Refresh => self.request_snap(),
             RelayMsg::Close { reason } => {
                 let r = text::neutralize(reason.as_bytes(), 200);
-                self.tell(&format!("support ended the session: {r}"));
+                self.farewell = format!("support ended the session: {r}");
+                self.tell(&self.farewell.clone());
                 self.begin_end(End::RelayClose);
             }
             RelayMsg::Ping(n) => {
@@ -1028,7 +1032,7 @@ impl Daemon {
             let _ = r.finish();
         }
         let rec = self.rec_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        let _ = std::fs::write(self.dir.file("exit"), format!("{}\n{}\n", end.status(), rec));
+        let _ = std::fs::write(self.dir.file("exit"), format!("{}\n{}\n{}\n", end.status(), rec, self.farewell));
         if let Some(mut t) = self.tmux.take() {
             drop(t.p.stdin.take());
             let _ = t.p.child.kill();

@@ -471,7 +471,13 @@ fn wait_exit(dir: &SessionDir) -> Option<(u8, String)> {
         if let Ok(s) = std::fs::read_to_string(dir.file("exit")) {
             let mut it = s.lines();
             if let Some(Ok(st)) = it.next().map(str::parse::<u8>) {
-                return Some((st, it.next().unwrap_or("").to_string()));
+                let rec = it.next().unwrap_or("").to_string();
+                // The daemon's last word (a relay CLOSE reason, already neutralised) was shown only
+                // inside tmux, which is gone now: repeat it on the customer's terminal.
+                if let Some(msg) = it.next().filter(|m| !m.is_empty()) {
+                    say(msg);
+                }
+                return Some((st, rec));
             }
         }
         if Instant::now() >= deadline {

@@ -199,3 +199,232 @@ pub fn wait_no_processes(needle: &str, deadline: Instant) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// ---- customer terminal (share mode) ----
+//
+// The customer's terminal is an OUTER tmux server on a private socket: the launcher runs in its only
+// pane exactly as it would in a terminal emulator, keys are typed with `send-keys` (so `C-b Q` reaches
+// the inner tmux as a person's keystrokes would) and the screen is read with `capture-pane -p`.
+
+/// Poll `f` every 25 ms until it holds or the deadline passes.
+pub fn poll_until(deadline: Instant, mut f: impl FnMut() -> bool) -> bool {
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A customer running `linbit-tunl ARGS ID` in a terminal (the outer tmux).
+pub struct Customer {
+    pub id: String,
+    pub scratch: Scratch,
+    pub outer: PathBuf,
+    pub dir: PathBuf,
+}
+
+pub const OUTER_TARGET: &str = "cust:0.0";
+
+impl Customer {
+    /// Start the launcher in a fresh 160x48 terminal. `env` adds to (or overrides) the base
+    /// environment: relay.env(), USER=root, HOME=scratch, TERM, TUNL_AUTHKEYS_FILE,
+    /// TUNL_RECORDING_DIR, SHELL=/bin/sh with PS1='$ '.
+    pub fn start(relay: &Relay, id: &str, args: &[&str], env: &[(&str, &str)]) -> Customer {
+        let scratch = Scratch::new("cust");
+        let s = scratch.path().to_path_buf();
+        let outer = s.join("outer.sock");
+        // The pane stays after the launcher exits, so its last words ("session recording: ...") can be read.
+        std::fs::write(s.join("outer.conf"), "set-option -g remain-on-exit on\nset-option -g history-limit 20000\n")
+            .unwrap();
+        let mut words: Vec<String> = vec![BIN.to_string()];
+        words.extend(args.iter().map(|a| a.to_string()));
+        words.push(id.to_string());
+        let cmdline: Vec<String> = words.iter().map(|w| sh_quote(w)).collect();
+        let script =
+            format!("{}; echo EXIT=$? > {}", cmdline.join(" "), sh_quote(&s.join("status").display().to_string()));
+        let mut c = Command::new("tmux");
+        c.arg("-S").arg(&outer).arg("-f").arg(s.join("outer.conf"));
+        c.args(["new-session", "-d", "-s", "cust", "-x", "160", "-y", "48", "sh", "-c", &script]);
+        c.env_clear();
+        c.env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()));
+        for (k, v) in relay.env() {
+            c.env(k, v);
+        }
+        c.env("USER", "root").env("HOME", &s).env("TERM", "xterm-256color");
+        c.env("TUNL_AUTHKEYS_FILE", s.join("authorized_keys")).env("TUNL_RECORDING_DIR", &s);
+        c.env("SHELL", "/bin/sh").env("PS1", "$ ").env("LANG", "C.UTF-8");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.current_dir(&s).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let st = c.status().expect("tmux");
+        assert!(st.success(), "the outer tmux did not start");
+        Customer { id: id.to_string(), scratch, outer, dir: session_dir(id) }
+    }
+
+    /// Register `id` with `token` and start; then accept the session at the relay, WELCOME it and
+    /// wait until the customer's terminal shows the shell pane with a prompt.
+    pub fn connect(relay: &Relay, id: &str, args: &[&str], env: &[(&str, &str)]) -> (Customer, Conn) {
+        relay.register(id, Some(CUSTOMER_TOKEN));
+        let mut a = vec!["--token", CUSTOMER_TOKEN];
+        a.extend_from_slice(args);
+        let c = Customer::start(relay, id, &a, env);
+        let mut conn = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session at the relay:\n{}", c.diag()));
+        conn.welcome(1);
+        assert!(
+            c.wait_screen(secs(20), |s| s.contains("[SHELL]") && s.lines().any(|l| matches!(l.trim_end(), "#" | "$"))),
+            "the customer never saw the session:\n{}",
+            c.diag()
+        );
+        (c, conn)
+    }
+
+    fn outer_cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.arg("-S").arg(&self.outer).stdin(Stdio::null());
+        c
+    }
+
+    /// Keys as tmux key names (`C-b`, `Q`, `Enter`, `F1`), each its own keystroke.
+    pub fn keys(&self, keys: &[&str]) {
+        let st = self.outer_cmd().args(["send-keys", "-t", OUTER_TARGET]).args(keys).status().unwrap();
+        assert!(st.success(), "send-keys {keys:?}");
+    }
+
+    /// Literal text, as if typed.
+    pub fn type_text(&self, text: &str) {
+        let st = self.outer_cmd().args(["send-keys", "-t", OUTER_TARGET, "-l", "--", text]).status().unwrap();
+        assert!(st.success(), "send-keys -l {text:?}");
+    }
+
+    /// Type a line and press Enter.
+    pub fn type_line(&self, text: &str) {
+        self.type_text(text);
+        self.keys(&["Enter"]);
+    }
+
+    /// The visible screen of the customer's terminal.
+    pub fn screen(&self) -> String {
+        let o = self.outer_cmd().args(["capture-pane", "-p", "-t", OUTER_TARGET]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// The terminal's whole history and screen (for what the launcher printed after tmux ended).
+    pub fn history(&self) -> String {
+        let o = self.outer_cmd().args(["capture-pane", "-p", "-J", "-S", "-", "-t", OUTER_TARGET]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn wait_screen(&self, deadline: Instant, pred: impl Fn(&str) -> bool) -> bool {
+        poll_until(deadline, || pred(&self.screen()))
+    }
+
+    /// A command against the OUTER server (the customer's terminal), stdout as text.
+    pub fn outer(&self, args: &[&str]) -> String {
+        let o = self.outer_cmd().args(args).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// A command against the session's own (inner) tmux server, stdout as text.
+    pub fn inner(&self, args: &[&str]) -> String {
+        let o = Command::new("tmux")
+            .arg("-S")
+            .arg(self.dir.join("tmux.sock"))
+            .args(args)
+            .env_remove("TMUX")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `display -p FORMAT` on the inner server's current pane.
+    pub fn inner_fmt(&self, fmt: &str) -> String {
+        self.inner(&["display-message", "-p", fmt]).trim_end().to_string()
+    }
+
+    /// The exit status the launcher's shell wrote, once it exited.
+    pub fn status(&self) -> Option<i32> {
+        let s = std::fs::read_to_string(self.scratch.path().join("status")).ok()?;
+        s.trim().strip_prefix("EXIT=")?.parse().ok()
+    }
+
+    pub fn wait_status(&self, deadline: Instant) -> Option<i32> {
+        let mut st = None;
+        poll_until(deadline, || {
+            st = self.status();
+            st.is_some()
+        });
+        st
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("daemon.pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn ssh_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ssh.log")).unwrap_or_default()
+    }
+
+    /// Everything that explains a failure.
+    pub fn diag(&self) -> String {
+        format!(
+            "screen:\n{}\nstatus: {:?}\ndebug.log:\n{}\nssh.log:\n{}",
+            self.history(),
+            self.status(),
+            std::fs::read_to_string(self.dir.join("debug.log")).unwrap_or_default(),
+            self.ssh_log()
+        )
+    }
+
+    /// The path printed as "session recording: PATH (...)".
+    pub fn recording_path(&self) -> Option<PathBuf> {
+        let h = self.history();
+        let i = h.find("session recording: ")?;
+        let rest = &h[i + "session recording: ".len()..];
+        let p = rest.split_whitespace().next()?;
+        Some(PathBuf::from(p))
+    }
+
+    /// Nothing of the session left: no process mentioning the session dir, no socket, no directory.
+    pub fn assert_clean(&self) {
+        let d = self.dir.display().to_string();
+        let left = wait_no_processes(&d, secs(10));
+        assert!(left.is_empty(), "processes left behind: {left:?}");
+        assert!(!self.dir.join("tmux.sock").exists(), "tmux socket left behind");
+        assert!(!self.dir.exists(), "session directory left behind");
+    }
+}
+
+impl Drop for Customer {
+    fn drop(&mut self) {
+        let _ = self.outer_cmd().arg("kill-server").stderr(Stdio::null()).status();
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(self.dir.join("tmux.sock"))
+            .arg("kill-server")
+            .env_remove("TMUX")
+            .stderr(Stdio::null())
+            .status();
+        // Give the daemon its orderly end; whatever is still running after that was ours: kill it by pid.
+        let d = self.dir.display().to_string();
+        let mut left = wait_no_processes(&d, secs(5));
+        left.extend(processes_mentioning(&self.id));
+        for p in left {
+            if let Some(pid) = p.split(':').next() {
+                let _ = Command::new("kill").args(["-KILL", pid]).stderr(Stdio::null()).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub const CUSTOMER_TOKEN: &str = "424242";
+
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

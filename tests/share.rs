@@ -1,0 +1,662 @@
+//! The shared terminal session end to end, driven from the customer's side as a person would: the
+//! launcher runs in a terminal (an outer tmux), keys are typed into it, the screen is read back, and
+//! the test relay plays support.
+
+mod common;
+
+use common::*;
+use tunl_relay::{chat_line, close_line, k_line, line_field, note_line, unb64};
+
+fn relay() -> Relay {
+    Relay::start(RelayOpts::default()).expect("test relay")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    let first = needle[0];
+    let mut i = 0;
+    while i + needle.len() <= hay.len() {
+        match hay[i..hay.len() - needle.len() + 1].iter().position(|&b| b == first) {
+            None => return None,
+            Some(off) => {
+                let at = i + off;
+                if &hay[at..at + needle.len()] == needle {
+                    return Some(at);
+                }
+                i = at + 1;
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn typing_and_support_keys_round_trip() {
+    let relay = relay();
+    let id = unique_id("share");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    // After WELCOME: SIZE and SNAP (and STATE), with the shell pane's size.
+    let size = conn.wait_verb(secs(10), "SIZE").unwrap_or_else(|| panic!("no SIZE: {:?}", conn.lines()));
+    let f: Vec<&str> = size.split(' ').collect();
+    assert_eq!(f.len(), 3, "{size}");
+    let (w, h): (u16, u16) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+    assert_eq!(w, 160, "{size}");
+    assert!(h > 20 && h < 48, "{size}");
+    let snap = conn.wait_verb(secs(10), "SNAP").unwrap_or_else(|| panic!("no SNAP: {:?}", conn.lines()));
+    assert_eq!(line_field(&snap, "size"), Some(format!("{w}x{h}").as_str()), "{snap}");
+    let lines = conn.lines();
+    let pos = |v: &str| lines.iter().position(|l| l.split(' ').next() == Some(v));
+    assert!(pos("SIZE").is_some() && pos("SNAP").is_some() && pos("STATE").is_some(), "{lines:?}");
+
+    // The customer types; the command runs and its output reaches support.
+    c.type_line("echo MARKER-$((6*7))");
+    assert!(
+        conn.wait_output(secs(10), |o| contains(o, b"MARKER-42")),
+        "customer's output never reached the relay:\n{}",
+        c.diag()
+    );
+    assert!(c.wait_screen(secs(5), |s| s.contains("MARKER-42")));
+
+    // Support types; it runs in the customer's shell, in plain sight, and comes back in O.
+    conn.send(&k_line(b"echo FROM-$((1+1))-SUPPORT\r"));
+    assert!(c.wait_screen(secs(10), |s| s.contains("FROM-2-SUPPORT")), "{}", c.diag());
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"FROM-2-SUPPORT")));
+
+    // A full-screen program driven by support: its screen travels in O, and :q! ends it.
+    conn.send(&k_line(b"vi -c 'set nocompatible' scratch-file-XYZ\r"));
+    assert!(
+        c.wait_screen(secs(10), |s| s.contains("scratch-file-XYZ") && s.contains('~')),
+        "vi did not start:\n{}",
+        c.diag()
+    );
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"scratch-file-XYZ") && contains(o, b"~")));
+    conn.send(&k_line(b"\x1b:q!\r"));
+    // vi discards typeahead when it quits: the next command waits for the shell's screen to return.
+    assert!(c.wait_screen(secs(10), |s| !s.lines().any(|l| l.trim_end() == "~")), "vi did not quit:\n{}", c.diag());
+    conn.send(&k_line(b"echo VI-GONE-$((2*3))\r"));
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"VI-GONE-6")), "{}", c.diag());
+    assert!(c.wait_screen(secs(5), |s| s.contains("VI-GONE-6") && !s.contains("scratch-file-XYZ\" [New")));
+}
+
+/// Wait until the line `verb` with `field=value` arrives.
+fn wait_field(conn: &mut Conn, verb: &str, field: &str, value: &str) -> Option<String> {
+    conn.wait_for(secs(10), |l| l.split(' ').next() == Some(verb) && line_field(l, field) == Some(value))
+}
+
+/// A round trip through the daemon's loop: everything the relay sent before has been handled.
+fn sync(conn: &mut Conn, n: u32) {
+    conn.send(&format!("PING {n}"));
+    let want = format!("PONG {n}");
+    assert!(conn.wait_for(secs(10), |l| l == want).is_some(), "no {want}: {:?}", conn.lines());
+}
+
+/// Holds for the whole period (a bounded check that something does NOT happen).
+fn stays(for_ms: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_millis(for_ms);
+    while std::time::Instant::now() < end {
+        if !f() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    true
+}
+
+#[test]
+fn ten_megabytes_arrive_complete_and_in_order() {
+    let relay = relay();
+    let id = unique_id("bulk");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    const N: u32 = 1_300_000;
+    // What the program prints, as the terminal delivers it (the pty turns \n into \r\n).
+    let mut expected = Vec::with_capacity(11 << 20);
+    for n in 1..=N {
+        expected.extend_from_slice(n.to_string().as_bytes());
+        expected.extend_from_slice(b"\r\n");
+    }
+    assert!(expected.len() > 10_000_000);
+    c.type_line(&format!("seq 1 {N}; echo BULK-$((40+2))-DONE"));
+    let tail = format!("\r\n{}\r\n{}\r\n", N - 1, N);
+    let done = conn.wait_output(secs(150), |o| contains(o, b"BULK-42-DONE"));
+    let out = conn.output();
+    assert!(done, "output incomplete after 150 s: {} of {} bytes\n{}", out.len(), expected.len(), c.diag());
+    assert!(!conn.saw_bad_output());
+    let start = find(&out, &expected[..64]).expect("the first lines of seq are not in the output");
+    let got = &out[start..(start + expected.len()).min(out.len())];
+    assert_eq!(got.len(), expected.len(), "output cut short");
+    if got != &expected[..] {
+        let at = got.iter().zip(expected.iter()).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "output differs at byte {at}: got {:?}, want {:?}",
+            String::from_utf8_lossy(&got[at.saturating_sub(40)..(at + 40).min(got.len())]),
+            String::from_utf8_lossy(&expected[at.saturating_sub(40)..(at + 40).min(expected.len())])
+        );
+    }
+    assert!(contains(&out, tail.as_bytes()));
+    // Nothing duplicated: the first line appears exactly once as the start of the sequence.
+    assert!(find(&out[start + 1..], &expected[..64]).is_none(), "the sequence was sent twice");
+    assert!(c.wait_screen(secs(10), |s| s.contains("BULK-42-DONE")));
+}
+
+#[test]
+fn chat_both_ways_and_status_rows() {
+    let relay = relay();
+    let id = unique_id("chat");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.type_line("echo KEEP-$((5+5))");
+    assert!(c.wait_screen(secs(10), |s| s.contains("KEEP-10")), "{}", c.diag());
+    assert_eq!(c.inner_fmt("#{@linbit-role}"), "shell");
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{@linbit-role}") == "chat"), "C-b c did not focus the chat");
+    let text = "hello from the customer, grüße";
+    c.type_line(text);
+    let line = conn.wait_verb(secs(10), "CHAT").unwrap_or_else(|| panic!("no CHAT: {:?}\n{}", conn.lines(), c.diag()));
+    let payload = line.split(' ').nth(1).unwrap();
+    assert_eq!(unb64(payload).map(|b| String::from_utf8(b).unwrap()), Some(text.to_string()), "{line}");
+    assert!(c.wait_screen(secs(5), |s| s.contains(&format!("customer> {text}"))));
+    // What the customer typed in the chat did not go to the shell.
+    assert!(!conn.output_text().contains("grüße"));
+
+    // Support's chat with escape sequences: shown as visible text, nothing obeyed.
+    conn.send(&chat_line("eve\x1b[31m", "\x1b[2J\x1b]52;c;aGk=\x07evil"));
+    assert!(
+        c.wait_screen(secs(10), |s| s.contains("support (eve^[[31m): ^[[2J^[]52;c;aGk=^Gevil")),
+        "support chat not shown neutralised:\n{}",
+        c.diag()
+    );
+    let s = c.screen();
+    assert!(s.contains("KEEP-10") && s.contains("[SHELL]") && s.contains("[CHAT]"), "the screen was cleared:\n{s}");
+    assert!(s.contains(&format!("customer> {text}")), "the chat history was cleared:\n{s}");
+    // No OSC 52 reached either tmux's clipboard.
+    assert_eq!(c.inner(&["list-buffers"]), "", "OSC 52 set a buffer in the session's tmux");
+    assert_eq!(c.outer(&["list-buffers"]), "", "OSC 52 reached the customer's terminal");
+
+    // The pinned status rows: viewer count and support's note, also neutralised.
+    conn.send("VIEWERS 3");
+    conn.send(&note_line("reading the logs\x1b[5m now"));
+    assert!(
+        c.wait_screen(secs(10), |s| s.contains("viewers: 3") && s.contains("reading the logs^[[5m now")),
+        "status rows not updated:\n{}",
+        c.diag()
+    );
+    assert!(c.wait_screen(secs(5), |s| s.contains("viewers 3")), "status bar not updated:\n{}", c.screen());
+    // The note is pinned: more chat lines do not scroll it away.
+    for i in 0..12 {
+        conn.send(&chat_line("eve", &format!("line {i}")));
+    }
+    assert!(c.wait_screen(secs(10), |s| s.contains("support (eve): line 11")));
+    let s = c.screen();
+    assert!(s.contains("reading the logs") && s.contains("viewers: 3"), "status rows scrolled away:\n{s}");
+    // An empty note clears the row.
+    conn.send(&note_line(""));
+    assert!(c.wait_screen(secs(10), |s| !s.contains("reading the logs")), "{}", c.screen());
+}
+
+#[test]
+fn restricted_mode_drops_support_keys() {
+    let relay = relay();
+    let id = unique_id("watch");
+    let (c, mut conn) = Customer::connect(&relay, &id, &["--restricted"], &[]);
+    assert_eq!(conn.hello_field("mode"), Some("restricted"));
+    let st = conn.wait_verb(secs(10), "STATE").unwrap();
+    assert_eq!(line_field(&st, "mode"), Some("restricted"), "{st}");
+    assert_eq!(line_field(&st, "tunnel"), Some("off"), "{st}");
+    assert!(c.wait_screen(secs(5), |s| s.contains("[watch-only]") && s.contains("mode: restricted")), "{}", c.screen());
+    conn.send(&k_line(b"echo RESTRICTED-$((3*3))\r"));
+    sync(&mut conn, 1);
+    assert!(c.ssh_log().contains("dropped K restricted"), "{}", c.ssh_log());
+    // The customer can still type, and what they type is shared; support's line never ran.
+    c.type_line("echo OWN-$((4*4))");
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"OWN-16")), "{}", c.diag());
+    assert!(!c.screen().contains("RESTRICTED"), "{}", c.screen());
+    assert!(!conn.output_text().contains("RESTRICTED"));
+}
+
+#[test]
+fn brb_pauses_support_keys_until_back() {
+    let relay = relay();
+    let id = unique_id("brb");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    assert!(wait_field(&mut conn, "STATE", "brb", "0").is_some());
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{@linbit-role}") == "chat"));
+    c.type_line("/brb");
+    assert!(wait_field(&mut conn, "STATE", "brb", "1").is_some(), "no STATE brb=1: {:?}", conn.lines());
+    assert!(c.wait_screen(secs(5), |s| s.contains("BRB")), "{}", c.screen());
+    // A slash command is not chat.
+    assert!(!conn.lines().iter().any(|l| l.starts_with("CHAT ")), "{:?}", conn.lines());
+    conn.send(&k_line(b"echo PAUSED-$((7*7))\r"));
+    sync(&mut conn, 1);
+    assert!(c.ssh_log().contains("dropped K brb"), "{}", c.ssh_log());
+    c.type_line("/back");
+    assert!(wait_field(&mut conn, "STATE", "brb", "0").is_some(), "no STATE brb=0: {:?}", conn.lines());
+    conn.send(&k_line(b"echo RESUMED-$((8*8))\r"));
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"RESUMED-64")), "{}", c.diag());
+    // Had the paused keys been delivered late, they would have run before these.
+    assert!(!conn.output_text().contains("PAUSED"));
+    assert!(!c.screen().contains("PAUSED-49"));
+}
+
+fn role(c: &Customer) -> String {
+    c.inner_fmt("#{@linbit-role}")
+}
+
+fn chat_height(c: &Customer) -> String {
+    c.inner(&["display-message", "-p", "-t", "tunl:0.1", "#{pane_height}"]).trim().to_string()
+}
+
+/// Close a menu or popup and wait until `gone` is no longer on the screen.
+fn close_menu(c: &Customer, gone: &str) {
+    c.keys(&["Escape"]);
+    assert!(c.wait_screen(secs(5), |s| !s.contains(gone)), "menu with {gone:?} did not close:\n{}", c.screen());
+}
+
+#[test]
+fn hotkeys_with_the_default_prefix() {
+    let relay = relay();
+    let id = unique_id("keys");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some());
+    // Focus: c and C-c toggle between shell and chat.
+    assert_eq!(role(&c), "shell");
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    c.keys(&["C-b", "C-c"]);
+    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    // Zoom.
+    c.keys(&["C-b", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
+    assert!(c.wait_screen(secs(5), |s| !s.contains("[CHAT]")), "{}", c.screen());
+    c.keys(&["C-b", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
+    // The customer messes up the layout; L puts it back (and so does C-l).
+    assert_eq!(chat_height(&c), "8");
+    c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "25"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "25"));
+    c.keys(&["C-b", "L"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b L: chat height {}", chat_height(&c));
+    // L also asks the daemon to re-apply the layout, a moment later: resize until it sticks.
+    assert!(poll_until(secs(5), || {
+        c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "3"]);
+        stays(300, || chat_height(&c) == "3")
+    }));
+    c.keys(&["C-b", "C-l"]);
+    assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b C-l: chat height {}", chat_height(&c));
+    // The cheat sheet, with the active prefix.
+    c.keys(&["C-b", "?"]);
+    assert!(
+        c.wait_screen(secs(5), |s| s.contains("This cheat sheet") && s.contains("Ctrl-b Q") && s.contains("/brb")),
+        "no cheat sheet:\n{}",
+        c.screen()
+    );
+    close_menu(&c, "This cheat sheet");
+    // The menu, from F1 and from C-b Enter; its entries act.
+    for keys in [&["F1"][..], &["C-b", "Enter"][..]] {
+        c.keys(keys);
+        assert!(
+            c.wait_screen(secs(5), |s| [
+                "Go to chat",
+                "Reset layout",
+                "Grant tunnel",
+                "Revoke tunnel",
+                "Block tunnel",
+                "End session for good"
+            ]
+            .iter()
+            .all(|e| s.contains(e))),
+            "{keys:?}: no menu:\n{}",
+            c.screen()
+        );
+        close_menu(&c, "Go to chat");
+    }
+    c.keys(&["F1"]);
+    assert!(c.wait_screen(secs(5), |s| s.contains("Go to chat")));
+    c.keys(&["c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"), "menu entry c did not move to the chat");
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    // The tunnel state keys.
+    c.keys(&["C-b", "u"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "allowed").is_some(), "C-b u: {:?}", conn.lines());
+    c.keys(&["C-b", "U"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b U: {:?}", conn.lines());
+    c.keys(&["C-b", "X"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "blocked").is_some(), "C-b X: {:?}", conn.lines());
+    assert!(c.wait_screen(secs(5), |s| s.contains("tunnel blocked")), "{}", c.screen());
+    c.keys(&["C-b", "u"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b u unblocks: {:?}", conn.lines());
+    // A dead shell: Enter respawns it, and the new shell is shared.
+    c.type_line("exit");
+    assert!(poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"));
+    assert!(c.wait_screen(secs(5), |s| s.contains("Shell ended")), "{}", c.screen());
+    c.keys(&["Enter"]);
+    assert!(poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "0"));
+    c.type_line("echo REBORN-$((9*9))");
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"REBORN-81")), "respawned shell not shared:\n{}", c.diag());
+    // q on a live shell is just a letter...
+    c.type_text("q");
+    assert!(c.wait_screen(secs(5), |s| s.lines().any(|l| l.trim_end().ends_with("# q"))), "{}", c.screen());
+    c.keys(&["C-u"]);
+    // ...and on a dead one it ends the session for good.
+    c.type_line("exit");
+    assert!(
+        poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"),
+        "{}",
+        c.diag()
+    );
+    c.keys(&["q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    c.assert_clean();
+}
+
+#[test]
+fn another_prefix_drives_the_same_keys() {
+    let relay = relay();
+    let id = unique_id("prefix");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[("TUNL_PREFIX", "C-a")]);
+    let s = c.screen();
+    assert!(s.contains("[SHELL] prefix Ctrl-a") && s.contains("[CHAT] prefix Ctrl-a"), "pane labels:\n{s}");
+    assert!(s.contains("prefix Ctrl-a | F1 menu | Ctrl-a ? help"), "status bar:\n{s}");
+    assert!(!s.contains("Ctrl-b"), "{s}");
+    c.keys(&["C-a", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    c.keys(&["C-a", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    c.keys(&["C-a", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
+    c.keys(&["C-a", "z"]);
+    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
+    c.keys(&["C-a", "?"]);
+    assert!(c.wait_screen(secs(5), |s| s.contains("Ctrl-a Q") && s.contains("Ctrl-a c")), "{}", c.screen());
+    close_menu(&c, "This cheat sheet");
+    c.keys(&["C-a", "u"]);
+    assert!(wait_field(&mut conn, "STATE", "tunnel", "allowed").is_some(), "C-a u: {:?}", conn.lines());
+    // C-b is an ordinary key now: it reaches the shell (a nested tmux would get it).
+    c.type_line("cat -v");
+    c.keys(&["C-b", "c"]);
+    c.keys(&["Enter"]);
+    assert!(
+        c.wait_screen(secs(5), |s| s.lines().any(|l| l.trim_end() == "^Bc")),
+        "C-b did not reach the shell:\n{}",
+        c.screen()
+    );
+    assert_eq!(role(&c), "shell");
+    c.keys(&["C-d"]);
+    c.keys(&["C-a", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    c.assert_clean();
+}
+
+#[test]
+fn invalid_prefix_falls_back_to_ctrl_b_with_a_warning() {
+    let relay = relay();
+    let id = unique_id("bogus");
+    let (c, _conn) = Customer::connect(&relay, &id, &[], &[("TUNL_PREFIX", "Bogus-Key")]);
+    assert!(c.screen().contains("[SHELL] prefix Ctrl-b"), "{}", c.screen());
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    let h = c.history();
+    let warn = h.lines().find(|l| l.contains("TUNL_PREFIX")).unwrap_or_else(|| panic!("no warning:\n{h}"));
+    assert!(warn.contains("Bogus-Key") && warn.contains("C-b"), "{warn}");
+}
+
+/// A minimal JSON reader for the recording's lines (the test crate has no JSON dependency).
+#[derive(Debug, PartialEq)]
+enum J {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(String, J)>),
+}
+
+impl J {
+    fn get(&self, k: &str) -> Option<&J> {
+        match self {
+            J::Obj(v) => v.iter().find(|(key, _)| key == k).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
+fn parse_json(s: &str) -> Option<J> {
+    fn ws(b: &[u8], i: &mut usize) {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    }
+    fn val(b: &[u8], i: &mut usize) -> Option<J> {
+        ws(b, i);
+        match *b.get(*i)? {
+            b'{' => {
+                *i += 1;
+                let mut v = Vec::new();
+                ws(b, i);
+                if b.get(*i) == Some(&b'}') {
+                    *i += 1;
+                    return Some(J::Obj(v));
+                }
+                loop {
+                    ws(b, i);
+                    let J::Str(k) = val(b, i)? else { return None };
+                    ws(b, i);
+                    (b.get(*i) == Some(&b':')).then_some(())?;
+                    *i += 1;
+                    v.push((k, val(b, i)?));
+                    ws(b, i);
+                    match b.get(*i)? {
+                        b',' => *i += 1,
+                        b'}' => {
+                            *i += 1;
+                            return Some(J::Obj(v));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' => {
+                *i += 1;
+                let mut v = Vec::new();
+                ws(b, i);
+                if b.get(*i) == Some(&b']') {
+                    *i += 1;
+                    return Some(J::Arr(v));
+                }
+                loop {
+                    v.push(val(b, i)?);
+                    ws(b, i);
+                    match b.get(*i)? {
+                        b',' => *i += 1,
+                        b']' => {
+                            *i += 1;
+                            return Some(J::Arr(v));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'"' => {
+                *i += 1;
+                let mut out: Vec<u16> = Vec::new();
+                let mut s = String::new();
+                loop {
+                    let c = *b.get(*i)?;
+                    *i += 1;
+                    match c {
+                        b'"' => break,
+                        b'\\' => {
+                            let e = *b.get(*i)?;
+                            *i += 1;
+                            let ch = match e {
+                                b'n' => '\n',
+                                b't' => '\t',
+                                b'r' => '\r',
+                                b'b' => '\u{8}',
+                                b'f' => '\u{c}',
+                                b'/' => '/',
+                                b'\\' => '\\',
+                                b'"' => '"',
+                                b'u' => {
+                                    let h = std::str::from_utf8(b.get(*i..*i + 4)?).ok()?;
+                                    *i += 4;
+                                    out.push(u16::from_str_radix(h, 16).ok()?);
+                                    if let Ok(t) = String::from_utf16(&out) {
+                                        s.push_str(&t);
+                                        out.clear();
+                                    }
+                                    continue;
+                                }
+                                _ => return None,
+                            };
+                            s.push(ch);
+                        }
+                        c if c < 0x20 => return None,
+                        _ => {
+                            // Copy one UTF-8 sequence as it is.
+                            let start = *i - 1;
+                            let len = match c {
+                                0x00..=0x7f => 1,
+                                0xc0..=0xdf => 2,
+                                0xe0..=0xef => 3,
+                                _ => 4,
+                            };
+                            *i = start + len;
+                            s.push_str(std::str::from_utf8(b.get(start..start + len)?).ok()?);
+                        }
+                    }
+                }
+                out.is_empty().then_some(J::Str(s))
+            }
+            b't' if b[*i..].starts_with(b"true") => {
+                *i += 4;
+                Some(J::Bool(true))
+            }
+            b'f' if b[*i..].starts_with(b"false") => {
+                *i += 5;
+                Some(J::Bool(false))
+            }
+            b'n' if b[*i..].starts_with(b"null") => {
+                *i += 4;
+                Some(J::Null)
+            }
+            _ => {
+                let start = *i;
+                while *i < b.len() && (b[*i].is_ascii_digit() || b"+-.eE".contains(&b[*i])) {
+                    *i += 1;
+                }
+                std::str::from_utf8(&b[start..*i]).ok()?.parse().ok().map(J::Num)
+            }
+        }
+    }
+    let b = s.as_bytes();
+    let mut i = 0;
+    let v = val(b, &mut i)?;
+    ws(b, &mut i);
+    (i == b.len()).then_some(v)
+}
+
+/// Check an asciinema v2 file; returns the concatenated output events.
+fn check_cast(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header = parse_json(lines.next().expect("empty recording")).expect("header is not JSON");
+    assert_eq!(header.get("version"), Some(&J::Num(2.0)), "{header:?}");
+    assert!(matches!(header.get("width"), Some(J::Num(w)) if *w > 0.0), "{header:?}");
+    assert!(matches!(header.get("height"), Some(J::Num(h)) if *h > 0.0), "{header:?}");
+    let mut out = String::new();
+    let mut last = 0.0;
+    for l in lines {
+        let ev = parse_json(l).unwrap_or_else(|| panic!("event line is not JSON: {l:?}"));
+        let J::Arr(v) = ev else { panic!("event is not an array: {l}") };
+        assert_eq!(v.len(), 3, "{l}");
+        let J::Num(t) = v[0] else { panic!("{l}") };
+        assert!(t >= last, "time goes backwards: {l}");
+        last = t;
+        let (J::Str(kind), J::Str(data)) = (&v[1], &v[2]) else { panic!("{l}") };
+        assert!(kind == "o" || kind == "r", "{l}");
+        if kind == "o" {
+            out.push_str(data);
+        }
+    }
+    out
+}
+
+#[test]
+fn quit_key_ends_cleanly_and_leaves_a_recording() {
+    let relay = relay();
+    let id = unique_id("quit");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.type_line("echo MARKER-$((6*7))");
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"MARKER-42")));
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_closed(secs(10)), "the link stayed open");
+    c.assert_clean();
+    let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
+    assert!(rec.starts_with(c.scratch.path()), "TUNL_RECORDING_DIR not used: {}", rec.display());
+    assert!(rec.extension().is_some_and(|e| e == "cast"), "{}", rec.display());
+    let out = check_cast(&rec);
+    assert!(out.contains("MARKER-42"), "the recording lacks the session's output:\n{out}");
+    let meta = std::fs::metadata(&rec).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o077, 0, "the recording is readable by others");
+}
+
+fn ends_by_signal(sig: &str, status: i32) {
+    let relay = relay();
+    let id = unique_id(&format!("sig{}", sig.to_lowercase()));
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    let pid = c.daemon_pid().expect("daemon.pid");
+    assert!(std::process::Command::new("kill").args(["-s", sig, &pid.to_string()]).status().unwrap().success());
+    assert_eq!(c.wait_status(secs(20)), Some(status), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=signal").is_some(), "{:?}", conn.lines());
+    c.assert_clean();
+    let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
+    check_cast(&rec);
+}
+
+#[test]
+fn sigterm_to_the_daemon_gives_143() {
+    ends_by_signal("TERM", 143);
+}
+
+#[test]
+fn sigint_to_the_daemon_gives_130() {
+    ends_by_signal("INT", 130);
+}
+
+#[test]
+fn killed_tmux_server_still_cleans_up() {
+    let relay = relay();
+    let id = unique_id("killed");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.inner(&["kill-server"]);
+    // The session did not end by the customer's choice nor by a fatal error: an orderly end (0).
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_verb(secs(5), "BYE").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_closed(secs(10)), "the link stayed open");
+    c.assert_clean();
+}
+
+#[test]
+fn relay_close_ends_with_zero() {
+    let relay = relay();
+    let id = unique_id("closed");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    conn.send(&close_line("case solved, thanks"));
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=relay-close").is_some(), "{:?}", conn.lines());
+    c.assert_clean();
+    assert!(c.history().contains("case solved, thanks"), "the reason was not shown:\n{}", c.history());
+}
