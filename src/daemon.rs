@@ -29,6 +29,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Stop reading the shell pane while this much is queued for the relay: a slow link must cost
 /// memory in tmux (which pauses or buffers), never unbounded memory here.
 const OUTQ_HIGH: usize = 4 << 20;
+/// How far (seconds) the control client may fall behind a pane before tmux pauses it (tmux >= 3.2).
+const PAUSE_AFTER_SECS: u32 = 30;
 /// The orderly end must finish within this, or the watchdog kills us.
 pub const WATCHDOG_SECS: u32 = 10;
 /// A Grant/Deny popup dismissed without an answer (Escape, a click outside) comes back after this:
@@ -586,6 +588,14 @@ impl Daemon {
                 self.on_tmux_reply(pending, body);
             }
             tmux::Event::LayoutChange { .. } => self.list_panes(),
+            tmux::Event::Pause(pane) => {
+                // Output was held back while we were behind: support gets a fresh screen instead.
+                self.log.line(&format!("tmux paused pane %{pane}: the link is slower than the shell"));
+                self.tmux_cmd(&format!("refresh-client -A '%{pane}:continue'"), Pending::Ignore);
+                if Some(pane) == self.tmux.as_ref().and_then(|t| t.shell) {
+                    self.request_snap();
+                }
+            }
             tmux::Event::Exit(_) => self.begin_end(End::TmuxGone),
             _ => {}
         }
@@ -1089,6 +1099,11 @@ impl Daemon {
             eof: false,
         };
         self.tmux = Some(t);
+        if features.flow_control {
+            // tmux >= 3.2 pauses a pane whose output this client is more than this many seconds
+            // behind on, instead of buffering without bound; we resume it and resynchronise.
+            self.tmux_cmd(&format!("refresh-client -f pause-after={PAUSE_AFTER_SECS}"), Pending::Ignore);
+        }
         self.list_panes();
         Ok(())
     }
