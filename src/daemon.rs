@@ -290,6 +290,17 @@ impl Daemon {
 
     /// The link is gone (ssh ended, silence, or a refused hello): decide between fatal and retry.
     fn link_lost(&mut self, why: &str) {
+        // ssh closed its end: it is exiting, and its last words (why it failed) may still be in the
+        // stderr pipe. Let it finish (briefly) and read them before judging the failure.
+        if let Some(l) = &mut self.link {
+            if l.stdout_eof {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !matches!(l.p.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+                    let _ = rustix::event::poll(&mut [], Some(&ts(Duration::from_millis(10))));
+                }
+            }
+        }
+        self.on_link_stderr();
         let Some(mut l) = self.link.take() else { return };
         let _ = l.p.child.kill();
         let _ = l.p.child.wait();
