@@ -496,6 +496,11 @@ pub fn daemon_main(dir: &Path) -> u8 {
             return 1;
         }
     };
+    // Nobody sees the hidden pane: everything the daemon writes to stderr (a panic too) goes to
+    // debug.log, the manual's "stderr tee".
+    if let Ok(f) = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(dir.file("debug.log")) {
+        let _ = rustix::stdio::dup2_stderr(&f);
+    }
     let text = match std::fs::read_to_string(dir.file("daemon.conf")) {
         Ok(t) => t,
         Err(e) => {
@@ -547,4 +552,4 @@ pub fn daemon_main(dir: &Path) -> u8 {
     end.status()
 }
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
