@@ -75,6 +75,8 @@ struct Link {
     errbuf: Vec<u8>,
     last_tx: Instant,
     last_rx: Instant,
+    /// When we last sent a PING.
+    last_ping: Instant,
     started: Instant,
     stdout_eof: bool,
     stderr_eof: bool,
@@ -262,6 +264,7 @@ impl Daemon {
                     split: protocol::LineSplitter::new(),
                     errbuf: Vec::new(),
                     last_tx: now,
+                    last_ping: now,
                     last_rx: now,
                     started: now,
                     stdout_eof: false,
@@ -1169,6 +1172,7 @@ impl Daemon {
             match self.state {
                 LinkState::Up => {
                     at(l.last_tx + PING_AFTER);
+                    at(l.last_rx.max(l.last_ping) + PING_AFTER);
                     at(l.last_rx + SILENCE_LIMIT);
                 }
                 LinkState::Connecting => at(l.started + WELCOME_TIMEOUT),
@@ -1202,7 +1206,13 @@ impl Daemon {
         let Some(l) = &self.link else { return };
         match self.state {
             LinkState::Up if now >= l.last_rx + SILENCE_LIMIT => self.link_lost("no answer from the relay for 45 s"),
-            LinkState::Up if now >= l.last_tx + PING_AFTER => {
+            // A PING after 15 s of not sending (the contract), and also after 15 s of hearing
+            // nothing while we send a lot: a relay that only answers must get something to answer
+            // before the 45 s silence limit, or a busy shell would look like a dead link.
+            LinkState::Up if now >= l.last_tx + PING_AFTER || now >= l.last_rx.max(l.last_ping) + PING_AFTER => {
+                if let Some(l) = &mut self.link {
+                    l.last_ping = now;
+                }
                 self.ping_n += 1;
                 let n = self.ping_n;
                 if let Some(o) = self.out() {

@@ -660,3 +660,18 @@ fn relay_close_ends_with_zero() {
     c.assert_clean();
     assert!(c.history().contains("case solved, thanks"), "the reason was not shown:\n{}", c.history());
 }
+
+#[test]
+fn a_busy_shell_still_pings_a_quiet_relay() {
+    let relay = relay();
+    let id = unique_id("busy");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    // Output every 200 ms: the client never goes 15 s without sending, and the relay says nothing
+    // but PONG. Without a PING the 45 s silence limit would call a healthy link dead.
+    conn.send(&tunl_relay::k_line(b"while :; do echo tick; sleep 0.2; done\r"));
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"tick\r\ntick")), "{}", c.diag());
+    let ping = conn.wait_for(secs(25), |l| l.starts_with("PING "));
+    assert!(ping.is_some(), "no PING while busy: {}", c.diag());
+    assert!(!c.ssh_log().contains("link lost"), "{}", c.ssh_log());
+    conn.send(&tunl_relay::k_line(b"\x03"));
+}
