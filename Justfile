@@ -77,7 +77,9 @@ demo SESSION="swift-fox-jumps-barrel":
     cargo build -q --workspace --bins
     scripts/demo.sh {{SESSION}}
 
-# Figures against their limits (see design.md); writes target/bench.json.
+# Figures against their limits (see design.md); writes target/bench.json. Takes about 3 minutes
+# (the idle phase alone is 60 s); reports only, never fails on a target.
 bench:
     cargo build -q --release --workspace --bins
+    cargo build -q --release --target {{musl}} --bin linbit-tunl
     cargo test --release --test bench -- --ignored --nocapture --test-threads=1

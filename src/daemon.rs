@@ -565,6 +565,11 @@ impl Daemon {
             let Some(ev) = t.parser.next_event() else { break };
             self.on_tmux_event(ev);
         }
+        // The recorder gathers this read's output; one write(2) for all of it (see recording.rs).
+        if self.rec.as_mut().is_some_and(|r| r.flush().is_err()) {
+            self.log.line("recording stopped: write failed");
+            self.rec = None;
+        }
         if eof && self.end.is_none() {
             self.log.line("tmux control client ended: the tmux server is gone");
             self.begin_end(End::TmuxGone);

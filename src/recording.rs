@@ -1,7 +1,9 @@
 //! The session recording: an asciinema v2 `.cast` file of what the shared pane printed.
 //!
-//! Every event is one `write(2)` of one complete line, with no userspace buffering, so a crash at any
-//! point leaves a playable file. Output chunks may split a UTF-8 sequence; the incomplete tail waits
+//! Events are complete lines, written with `write(2)` only as whole lines: pane output is gathered
+//! in memory and written by `flush` (the daemon calls it once per read from tmux, so a 40 MB burst
+//! costs one write per read instead of one per `%output` line), and by itself beyond `FLUSH_AT`.
+//! A crash at any point leaves a playable file, missing at most the last unflushed read. Output chunks may split a UTF-8 sequence; the incomplete tail waits
 //! for the next chunk, and bytes that are not UTF-8 become U+FFFD (the format carries text).
 
 use std::fs::{File, OpenOptions};
@@ -20,8 +22,13 @@ pub struct Header {
     pub session_id: String,
 }
 
+/// Pending output beyond this is written at once, whether or not the daemon flushes.
+const FLUSH_AT: usize = 64 * 1024;
+
 pub struct Recorder {
     file: File,
+    /// Complete event lines not yet written.
+    pending: Vec<u8>,
     start: Instant,
     /// An incomplete UTF-8 sequence from the end of the previous chunk (at most 3 bytes).
     tail: Vec<u8>,
@@ -81,7 +88,7 @@ impl Recorder {
                     .open(&path)
                 {
                     Ok(file) => {
-                        let mut r = Recorder { file, start: Instant::now(), tail: Vec::new() };
+                        let mut r = Recorder { file, pending: Vec::new(), start: Instant::now(), tail: Vec::new() };
                         r.write_header(now, header)?;
                         return Ok((r, path));
                     }
@@ -121,7 +128,22 @@ impl Recorder {
         if text.is_empty() {
             return Ok(());
         }
-        self.event("o", &text)
+        let line = format!("[{}, \"o\", {}]\n", self.elapsed(), json_str(&text));
+        self.pending.extend_from_slice(line.as_bytes());
+        if self.pending.len() >= FLUSH_AT {
+            return self.flush();
+        }
+        Ok(())
+    }
+
+    /// Write the pending output lines (one `write(2)` of whole lines).
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let r = self.file.write_all(&self.pending);
+        self.pending.clear();
+        r
     }
 
     /// Record a change of the pane's size.
@@ -130,17 +152,26 @@ impl Recorder {
     }
 
     fn event(&mut self, kind: &str, text: &str) -> io::Result<()> {
+        self.flush()?;
         let line = format!("[{}, \"{kind}\", {}]\n", self.elapsed(), json_str(text));
         self.file.write_all(line.as_bytes())
     }
 
     /// Write out a pending incomplete sequence (as U+FFFD) and sync the file.
     pub fn finish(mut self) -> io::Result<()> {
+        self.flush()?;
         if !self.tail.is_empty() {
             let t = String::from_utf8_lossy(&std::mem::take(&mut self.tail)).into_owned();
             self.event("o", &t)?;
         }
         self.file.sync_all()
+    }
+}
+
+impl Drop for Recorder {
+    /// Whatever ends the recorder, gathered output is not lost.
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
 
@@ -173,20 +204,34 @@ fn decode_keep_tail(bytes: &[u8], tail: &mut Vec<u8>) -> String {
 }
 
 /// A JSON string literal.
+///
+/// The hot path of recording (every byte of pane output passes here): runs of bytes that need no
+/// escaping are copied in one go. Scanning bytes is exact for UTF-8, whose multi-byte sequences
+/// never contain an ASCII byte.
 pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len() + s.len() / 16 + 2);
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc = match c {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..0x20 | 0x7f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            out.push_str(&format!("\\u{:04x}", c));
+        } else {
+            out.push_str(esc);
         }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
     out.push('"');
     out
 }
