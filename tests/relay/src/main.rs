@@ -171,11 +171,15 @@ fn serve(args: &[String]) -> Result<(), String> {
     });
     let mut key: Option<SupportKey> = None;
     let mut req = 0u32;
+    stop_on_signals();
     loop {
         eprintln!("[relay] waiting for a client on 127.0.0.1:{}", relay.port());
         let mut conn = loop {
             if let Some(c) = relay.accept(Instant::now() + Duration::from_millis(500)) {
                 break c;
+            }
+            if stopped() {
+                return Ok(());
             }
             if let Ok(l) = console.try_recv()
                 && l.trim() == "quit"
@@ -220,6 +224,9 @@ fn serve(args: &[String]) -> Result<(), String> {
                 eprintln!("[relay] link closed");
                 break;
             }
+            if stopped() {
+                return Ok(());
+            }
             while let Ok(cmd) = console.try_recv() {
                 let (word, rest) = cmd.split_once(' ').unwrap_or((cmd.as_str(), ""));
                 let line = match word {
@@ -249,4 +256,25 @@ fn serve(args: &[String]) -> Result<(), String> {
             }
         }
     }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGINT, SIGTERM and SIGHUP (its terminal closed) end `serve` through the normal return, so the
+/// relay's sshd, PAM service file and temp dir are removed as on `quit`.
+fn stop_on_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_stop as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn stopped() -> bool {
+    STOP.load(std::sync::atomic::Ordering::Relaxed)
 }
