@@ -41,8 +41,96 @@ check-static FILE:
     if readelf -dW "{{FILE}}" | grep -q NEEDED; then echo "{{FILE}}: needs shared libraries"; exit 1; fi
     echo "{{FILE}}: static, $(stat -c %s "{{FILE}}") bytes"
 
-# Cross-build one architecture with `cross` (x86_64, aarch64, ppc64le, s390x); needs docker or podman.
+# Nightly toolchain for the targets without a prebuilt std (ppc64le, s390x); override with
+# `just nightly=nightly-2026-05-19 cross s390x` to pin one.
+nightly := "nightly"
+
+# musl-dev:ARCH brings Debian's cross gcc and a <triple>-linux-musl-gcc wrapper; qemu-user-static
+# runs the results; rustup gives the aarch64 std and nightly's rust-src (std for ppc64le/s390x).
+# Install what `just cross` needs (foreign-arch musl, qemu-user, rustup parts). Idempotent.
+cross-setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    for a in arm64 ppc64el s390x; do
+        dpkg --print-foreign-architectures | grep -qx "$a" || $sudo dpkg --add-architecture "$a"
+    done
+    need=()
+    for p in musl-tools binutils file qemu-user-static musl-dev:arm64 musl-dev:ppc64el musl-dev:s390x; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        $sudo apt-get update -qq || true   # a foreign arch's index mid-sync must not stop us
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+    fi
+    for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+        rustup target list --installed | grep -qx "$t" || rustup target add "$t"
+    done
+    rustup toolchain list | grep -q "^{{nightly}}" || rustup toolchain install {{nightly}} --profile minimal
+    rustup +{{nightly}} component list --installed | grep -q '^rust-src' || rustup +{{nightly}} component add rust-src
+
+# No containers; `just cross-setup` first. See cross/README.md.
+# Build ARCH (x86_64, aarch64, ppc64le, s390x) natively, check it is static, run it under qemu.
 cross ARCH:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    root="{{justfile_directory()}}"
+    buildstd=""
+    case "{{ARCH}}" in
+        x86_64) t=x86_64-unknown-linux-musl; cc=""; qemu="" ;;
+        aarch64) t=aarch64-unknown-linux-musl; cc=aarch64-linux-musl-gcc; qemu=qemu-aarch64-static ;;
+        # No prebuilt std for these on rustup (s390x-musl is tier 3; ppc64le-musl's rust-std is
+        # not downloadable here): build std from source with nightly.
+        ppc64le) t=powerpc64le-unknown-linux-musl; cc=powerpc64le-linux-musl-gcc; qemu=qemu-ppc64le-static; buildstd=1 ;;
+        s390x) t=s390x-unknown-linux-musl; cc=s390x-linux-musl-gcc; qemu=qemu-s390x-static; buildstd=1 ;;
+        *) echo "unknown ARCH {{ARCH}} (x86_64, aarch64, ppc64le, s390x)"; exit 1 ;;
+    esac
+    T="${t^^}"; T="${T//-/_}"
+    if [ -n "$cc" ]; then
+        command -v "$cc" >/dev/null || { echo "$cc missing: run just cross-setup"; exit 1; }
+        # ring's C and the final link both go through Debian's musl-gcc wrapper for the target.
+        export "CC_${t//-/_}=$cc" "CARGO_TARGET_${T}_LINKER=$cc"
+    fi
+    if [ -n "$buildstd" ]; then
+        # A std built from source has no self-contained musl crt/libc/libunwind: link Debian's
+        # musl instead, and let std's -lunwind find the cross gcc's libgcc_eh.a under that name.
+        lib="$root/target/cross-lib/$t"
+        mkdir -p "$lib"
+        ln -sf "$("$cc" -print-file-name=libgcc_eh.a)" "$lib/libunwind.a"
+        "$cc" -O2 -c "$root/cross/dl_find_object.c" -o "$lib/dl_find_object.o"
+        export "CARGO_TARGET_${T}_RUSTFLAGS=-C link-self-contained=no -L native=$lib -C link-arg=$lib/dl_find_object.o"
+        cargo +{{nightly}} build -Zbuild-std=std,panic_abort --release --target "$t" --bin linbit-tunl
+    else
+        cargo build --release --target "$t" --bin linbit-tunl
+    fi
+    just check-static "target/$t/release/linbit-tunl"
+    just cross-run {{ARCH}}
+
+# Run a `just cross` result (under qemu-user for foreign ARCH): --version, --help, a bad option.
+cross-run ARCH:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{ARCH}}" in
+        x86_64) t=x86_64-unknown-linux-musl; qemu="" ;;
+        aarch64) t=aarch64-unknown-linux-musl; qemu=qemu-aarch64-static ;;
+        ppc64le) t=powerpc64le-unknown-linux-musl; qemu=qemu-ppc64le-static ;;
+        s390x) t=s390x-unknown-linux-musl; qemu=qemu-s390x-static ;;
+        *) echo "unknown ARCH {{ARCH}} (x86_64, aarch64, ppc64le, s390x)"; exit 1 ;;
+    esac
+    b="target/$t/release/linbit-tunl"
+    want="linbit-tunl $(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+    got="$($qemu "$b" --version)"
+    [ "$got" = "$want" ] || { echo "{{ARCH}}: --version said '$got', want '$want'"; exit 1; }
+    $qemu "$b" --help >/dev/null || { echo "{{ARCH}}: --help failed"; exit 1; }
+    rc=0; $qemu "$b" --no-such-option 2>/dev/null || rc=$?
+    [ "$rc" = 1 ] || { echo "{{ARCH}}: a bad option gave exit $rc, want 1"; exit 1; }
+    echo "{{ARCH}}: runs${qemu:+ under $($qemu --version | head -1)}: '$got', --help ok, bad option exit 1"
+
+# All four release architectures, natively.
+cross-all: (cross "x86_64") (cross "aarch64") (cross "ppc64le") (cross "s390x")
+
+# The alternative: cross-rs in docker or podman (`cargo install --locked cross`); cross/Cross.toml.
+cross-docker ARCH:
     #!/usr/bin/env bash
     set -euo pipefail
     case "{{ARCH}}" in
@@ -54,9 +142,6 @@ cross ARCH:
     esac
     CROSS_CONFIG=cross/Cross.toml cross build --release --target "$t" --bin linbit-tunl
     just check-static "target/$t/release/linbit-tunl"
-
-# All four release architectures.
-cross-all: (cross "x86_64") (cross "aarch64") (cross "ppc64le") (cross "s390x")
 
 # Formatting and lints, as CI wants them.
 lint:
