@@ -26,6 +26,7 @@
 
 mod api;
 mod broker;
+pub mod json;
 mod target;
 pub mod util;
 
