@@ -474,7 +474,7 @@ impl Daemon {
         self.ever_welcomed = true;
         self.tell(&format!("connected to the relay (support viewers: {viewers})"));
         if first {
-            let _ = std::fs::write(self.dir.file("state"), "ready\n");
+            let _ = crate::sessiondir::publish(&self.dir.file("state"), "ready\n");
         }
         if let Some((c, r)) = self.tmux.as_ref().map(|t| t.size) {
             if let Some(o) = self.out() {
@@ -1006,7 +1006,7 @@ impl Daemon {
     fn fatal(&mut self, msg: &str) {
         self.tell(msg);
         if !self.ever_welcomed {
-            let _ = std::fs::write(self.dir.file("state"), format!("failed {msg}\n"));
+            let _ = crate::sessiondir::publish(&self.dir.file("state"), &format!("failed {msg}\n"));
         }
         self.begin_end(End::Fatal);
     }
@@ -1061,7 +1061,10 @@ impl Daemon {
             let _ = r.finish();
         }
         let rec = self.rec_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        let _ = std::fs::write(self.dir.file("exit"), format!("{}\n{}\n{}\n", end.status(), rec, self.farewell));
+        let _ = crate::sessiondir::publish(
+            &self.dir.file("exit"),
+            &format!("{}\n{}\n{}\n", end.status(), rec, self.farewell),
+        );
         if let Some(mut t) = self.tmux.take() {
             drop(t.p.stdin.take());
             let _ = t.p.child.kill();

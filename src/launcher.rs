@@ -182,7 +182,7 @@ fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<ssh::Au
 fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 {
     let debug = cfg.debug;
     // Lets a session started meanwhile tell that our keys are not stale.
-    let _ = std::fs::write(dir.file("daemon.pid"), format!("{}\n", std::process::id()));
+    let _ = sessiondir::publish(&dir.file("daemon.pid"), &format!("{}\n", std::process::id()));
     if signals::held().is_some() {
         return INTERRUPTED;
     }
@@ -527,7 +527,7 @@ pub fn daemon_main(dir: &Path) -> u8 {
     if let Some(p) = extra("prefix_checked=") {
         cfg.prefix = p;
     }
-    let _ = std::fs::write(dir.file("daemon.pid"), format!("{}\n", std::process::id()));
+    let _ = sessiondir::publish(&dir.file("daemon.pid"), &format!("{}\n", std::process::id()));
     let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
     let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
     let sock = tmux_sock(&cfg, &dir);

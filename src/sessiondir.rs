@@ -45,6 +45,9 @@ const OUR_FILES: &[&str] = &[
     "exit",
     "sharekey",
     "daemon.pid",
+    "state.new",
+    "exit.new",
+    "daemon.pid.new",
     "keys.restore",
     "prefix-check.sock",
 ];
@@ -148,6 +151,17 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), String> 
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
     f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Replace a small hand-over file (`state`, `exit`, `daemon.pid`) in one step: written beside it and
+/// renamed over it, so the process polling for it never reads half a file. Mode 0600.
+pub fn publish(path: &Path, data: &str) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, data.as_bytes(), 0o600)?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot publish {}: {e}", path.display()))
 }
 
 /// An append-only log where every line carries a UTC timestamp.
