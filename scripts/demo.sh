@@ -23,18 +23,19 @@ cleanup() {
 trap cleanup EXIT
 
 tmux -S "$SOCK" -f /dev/null new-session -d -s support -x 160 -y 40 \
-    "$BIN/tunl-relay serve --session $SESSION --token $TOKEN --out $D/support.out"
+    "$BIN/tunl-relay serve --session $SESSION --token $TOKEN --out $D/support.out --target-sshd $D/authorized_keys"
 # The relay prints the environment the client needs once its sshd and API are up.
 for _ in $(seq 1 300); do
     tmux -S "$SOCK" capture-pane -p -t support | grep '^export ' > "$D/env" || true
-    grep -q SSL_CERT_FILE "$D/env" && break
+    grep -q TUNL_TARGET_PORT "$D/env" && break
     sleep 0.1
 done
-grep -q SSL_CERT_FILE "$D/env" || { echo "demo: the test relay did not start"; tmux -S "$SOCK" capture-pane -p -t support; exit 1; }
+grep -q TUNL_TARGET_PORT "$D/env" || { echo "demo: the test relay did not start"; tmux -S "$SOCK" capture-pane -p -t support; exit 1; }
 
 cat <<MSG
 linbit-tunl demo
-  relay:    a real sshd on 127.0.0.1 (see $D/env)
+  relay:    a real sshd on 127.0.0.1 (see $D/env); a second sshd stands in for this host's
+            own, so a granted tunnel really logs support in
   support:  in another terminal run   tmux -S $SOCK attach -t support
             then type: k TEXT (keys; \\r is Enter) | chat TEXT | note TEXT | upgrade | revoke | close
   customer: this terminal, in 2 seconds (Ctrl-b Q ends the session)

@@ -2,7 +2,7 @@
 //!
 //! - `tunl-relay shim SOCK`: sshd's ForceCommand; hands the session to the broker socket.
 //! - `tunl-relay pam-check DIR`: pam_exec checker for keyboard-interactive answers.
-//! - `tunl-relay serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE]`: the standalone
+//! - `tunl-relay serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE] [--target-sshd AUTHORIZED_KEYS]`: the standalone
 //!   demo relay with a support console on stdin.
 
 use std::io::{self, BufRead, Read, Write};
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: tunl-relay shim SOCK | pam-check DIR | serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE]"
+                "usage: tunl-relay shim SOCK | pam-check DIR | serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE] [--target-sshd AUTHORIZED_KEYS]"
             );
             2
         }
@@ -135,6 +135,7 @@ fn serve(args: &[String]) -> Result<(), String> {
     let mut ki = false;
     let mut viewers = 1u32;
     let mut out_file = None;
+    let mut target_keys = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -143,6 +144,7 @@ fn serve(args: &[String]) -> Result<(), String> {
             "--ki" => ki = true,
             "--viewers" => viewers = it.next().and_then(|v| v.parse().ok()).ok_or("--viewers N")?,
             "--out" => out_file = it.next().cloned(),
+            "--target-sshd" => target_keys = it.next().cloned(),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -153,6 +155,17 @@ fn serve(args: &[String]) -> Result<(), String> {
     for (k, v) in relay.env() {
         println!("export {k}='{v}'");
     }
+    // The customer's SSH target for the demo: support's tunnel login lands here, reading the same
+    // authorized_keys file the client edits.
+    let _target = match &target_keys {
+        Some(path) => {
+            let t = tunl_relay::TargetSshd::start(Path::new(path)).map_err(|e| format!("target sshd: {e}"))?;
+            println!("export TUNL_TARGET_HOST='127.0.0.1'");
+            println!("export TUNL_TARGET_PORT='{}'", t.port);
+            Some(t)
+        }
+        None => None,
+    };
     println!(
         "# relay dir {}; console: k TEXT | chat TEXT | note TEXT | upgrade | revoke | refresh | viewers N | close | raw LINE",
         relay.dir().display()
