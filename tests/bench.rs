@@ -254,6 +254,12 @@ fn type_command(tmux: &Tmux, pane: &str, cmd: &str) {
     tmux.run(&["send-keys", "-t", pane, "Enter"]);
 }
 
+/// Wait until `pane` runs `program` in the foreground (e.g. `cat` is reading the keystrokes).
+fn wait_for_program(tmux: &Tmux, pane: &str, program: &str) {
+    let running = || tmux.run(&["display-message", "-p", "-t", pane, "#{pane_current_command}"]).trim() == program;
+    assert!(wait_until(secs(10), running), "{program} did not start in {pane}");
+}
+
 // ---- the bare limit: a tmux server and a bare control-mode client ----------------------------
 
 struct Bare {
@@ -343,7 +349,7 @@ impl Bare {
     /// Round trips `send-keys` -> `%output` echo, in ms, with `cat` in the pane.
     fn latency(&mut self) -> Vec<f64> {
         type_command(&self.tmux, "%0", "clear; cat");
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_program(&self.tmux, "%0", "cat");
         self.sync();
         let mut v = Vec::with_capacity(KEYSTROKES);
         let mut got = Vec::new();
@@ -476,7 +482,7 @@ impl Share {
     /// Round trips `K` -> `O` echo, in ms, with `cat` in the pane.
     fn latency(&mut self) -> Vec<f64> {
         type_command(&self.inner, &self.pane, "clear; cat");
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_program(&self.inner, &self.pane, "cat");
         self.drain();
         let mut v = Vec::with_capacity(KEYSTROKES);
         for i in 0..KEYSTROKES {
