@@ -62,7 +62,7 @@ fn typing_and_support_keys_round_trip() {
         "customer's output never reached the relay:\n{}",
         c.diag()
     );
-    assert!(c.wait_screen(secs(5), |s| s.contains("MARKER-42")));
+    assert!(c.wait_screen(secs(15), |s| s.contains("MARKER-42")));
 
     // Support types; it runs in the customer's shell, in plain sight, and comes back in O.
     conn.send(&k_line(b"echo FROM-$((1+1))-SUPPORT\r"));
@@ -83,7 +83,7 @@ fn typing_and_support_keys_round_trip() {
     assert!(c.wait_screen(secs(10), |s| !s.lines().any(|l| l.trim_end() == "~")), "vi did not quit:\n{}", c.diag());
     conn.send(&k_line(b"echo VI-GONE-$((2*3))\r"));
     assert!(conn.wait_output(secs(10), |o| contains(o, b"VI-GONE-6")), "{}", c.diag());
-    assert!(c.wait_screen(secs(5), |s| s.contains("VI-GONE-6") && !s.contains("scratch-file-XYZ\" [New")));
+    assert!(c.wait_screen(secs(15), |s| s.contains("VI-GONE-6") && !s.contains("scratch-file-XYZ\" [New")));
 }
 
 /// Wait until the line `verb` with `field=value` arrives.
@@ -155,13 +155,13 @@ fn chat_both_ways_and_status_rows() {
     assert!(c.wait_screen(secs(10), |s| s.contains("KEEP-10")), "{}", c.diag());
     assert_eq!(c.inner_fmt("#{@linbit-role}"), "shell");
     c.keys(&["C-b", "c"]);
-    assert!(poll_until(secs(5), || c.inner_fmt("#{@linbit-role}") == "chat"), "C-b c did not focus the chat");
+    assert!(poll_until(secs(15), || c.inner_fmt("#{@linbit-role}") == "chat"), "C-b c did not focus the chat");
     let text = "hello from the customer, grüße";
     c.type_line(text);
     let line = conn.wait_verb(secs(10), "CHAT").unwrap_or_else(|| panic!("no CHAT: {:?}\n{}", conn.lines(), c.diag()));
     let payload = line.split(' ').nth(1).unwrap();
     assert_eq!(unb64(payload).map(|b| String::from_utf8(b).unwrap()), Some(text.to_string()), "{line}");
-    assert!(c.wait_screen(secs(5), |s| s.contains(&format!("customer> {text}"))));
+    assert!(c.wait_screen(secs(15), |s| s.contains(&format!("customer> {text}"))));
     // What the customer typed in the chat did not go to the shell.
     assert!(!conn.output_text().contains("grüße"));
 
@@ -187,7 +187,7 @@ fn chat_both_ways_and_status_rows() {
         "status rows not updated:\n{}",
         c.diag()
     );
-    assert!(c.wait_screen(secs(5), |s| s.contains("viewers 3")), "status bar not updated:\n{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| s.contains("viewers 3")), "status bar not updated:\n{}", c.screen());
     // The note is pinned: more chat lines do not scroll it away.
     for i in 0..12 {
         conn.send(&chat_line("eve", &format!("line {i}")));
@@ -209,7 +209,7 @@ fn restricted_mode_drops_support_keys() {
     let st = conn.wait_verb(secs(10), "STATE").unwrap();
     assert_eq!(line_field(&st, "mode"), Some("restricted"), "{st}");
     assert_eq!(line_field(&st, "tunnel"), Some("off"), "{st}");
-    assert!(c.wait_screen(secs(5), |s| s.contains("[watch-only]") && s.contains("mode: restricted")), "{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| s.contains("[watch-only]") && s.contains("mode: restricted")), "{}", c.screen());
     conn.send(&k_line(b"echo RESTRICTED-$((3*3))\r"));
     sync(&mut conn, 1);
     assert!(c.ssh_log().contains("dropped K restricted"), "{}", c.ssh_log());
@@ -227,10 +227,10 @@ fn brb_pauses_support_keys_until_back() {
     let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
     assert!(wait_field(&mut conn, "STATE", "brb", "0").is_some());
     c.keys(&["C-b", "c"]);
-    assert!(poll_until(secs(5), || c.inner_fmt("#{@linbit-role}") == "chat"));
+    assert!(poll_until(secs(15), || c.inner_fmt("#{@linbit-role}") == "chat"));
     c.type_line("/brb");
     assert!(wait_field(&mut conn, "STATE", "brb", "1").is_some(), "no STATE brb=1: {:?}", conn.lines());
-    assert!(c.wait_screen(secs(5), |s| s.contains("BRB")), "{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| s.contains("BRB")), "{}", c.screen());
     // A slash command is not chat.
     assert!(!conn.lines().iter().any(|l| l.starts_with("CHAT ")), "{:?}", conn.lines());
     conn.send(&k_line(b"echo PAUSED-$((7*7))\r"));
@@ -256,7 +256,7 @@ fn chat_height(c: &Customer) -> String {
 /// Close a menu or popup and wait until `gone` is no longer on the screen.
 fn close_menu(c: &Customer, gone: &str) {
     c.keys(&["Escape"]);
-    assert!(c.wait_screen(secs(5), |s| !s.contains(gone)), "menu with {gone:?} did not close:\n{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| !s.contains(gone)), "menu with {gone:?} did not close:\n{}", c.screen());
 }
 
 #[test]
@@ -268,32 +268,32 @@ fn hotkeys_with_the_default_prefix() {
     // Focus: c and C-c toggle between shell and chat.
     assert_eq!(role(&c), "shell");
     c.keys(&["C-b", "c"]);
-    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    assert!(poll_until(secs(15), || role(&c) == "chat"));
     c.keys(&["C-b", "C-c"]);
-    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    assert!(poll_until(secs(15), || role(&c) == "shell"));
     // Zoom.
     c.keys(&["C-b", "z"]);
-    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
-    assert!(c.wait_screen(secs(5), |s| !s.contains("[CHAT]")), "{}", c.screen());
+    assert!(poll_until(secs(15), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
+    assert!(c.wait_screen(secs(15), |s| !s.contains("[CHAT]")), "{}", c.screen());
     c.keys(&["C-b", "z"]);
-    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
+    assert!(poll_until(secs(15), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
     // The customer messes up the layout; L puts it back (and so does C-l).
     assert_eq!(chat_height(&c), "8");
     c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "25"]);
-    assert!(poll_until(secs(5), || chat_height(&c) == "25"));
+    assert!(poll_until(secs(15), || chat_height(&c) == "25"));
     c.keys(&["C-b", "L"]);
-    assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b L: chat height {}", chat_height(&c));
+    assert!(poll_until(secs(15), || chat_height(&c) == "8"), "C-b L: chat height {}", chat_height(&c));
     // L also asks the daemon to re-apply the layout, a moment later: resize until it sticks.
-    assert!(poll_until(secs(5), || {
+    assert!(poll_until(secs(15), || {
         c.inner(&["resize-pane", "-t", "tunl:0.1", "-y", "3"]);
         stays(300, || chat_height(&c) == "3")
     }));
     c.keys(&["C-b", "C-l"]);
-    assert!(poll_until(secs(5), || chat_height(&c) == "8"), "C-b C-l: chat height {}", chat_height(&c));
+    assert!(poll_until(secs(15), || chat_height(&c) == "8"), "C-b C-l: chat height {}", chat_height(&c));
     // The cheat sheet, with the active prefix.
     c.keys(&["C-b", "?"]);
     assert!(
-        c.wait_screen(secs(5), |s| s.contains("This cheat sheet") && s.contains("Ctrl-b Q") && s.contains("/brb")),
+        c.wait_screen(secs(15), |s| s.contains("This cheat sheet") && s.contains("Ctrl-b Q") && s.contains("/brb")),
         "no cheat sheet:\n{}",
         c.screen()
     );
@@ -302,7 +302,7 @@ fn hotkeys_with_the_default_prefix() {
     for keys in [&["F1"][..], &["C-b", "Enter"][..]] {
         c.keys(keys);
         assert!(
-            c.wait_screen(secs(5), |s| [
+            c.wait_screen(secs(15), |s| [
                 "Go to chat",
                 "Reset layout",
                 "Grant tunnel",
@@ -318,11 +318,11 @@ fn hotkeys_with_the_default_prefix() {
         close_menu(&c, "Go to chat");
     }
     c.keys(&["F1"]);
-    assert!(c.wait_screen(secs(5), |s| s.contains("Go to chat")));
+    assert!(c.wait_screen(secs(15), |s| s.contains("Go to chat")));
     c.keys(&["c"]);
-    assert!(poll_until(secs(5), || role(&c) == "chat"), "menu entry c did not move to the chat");
+    assert!(poll_until(secs(15), || role(&c) == "chat"), "menu entry c did not move to the chat");
     c.keys(&["C-b", "c"]);
-    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    assert!(poll_until(secs(15), || role(&c) == "shell"));
     // The tunnel state keys.
     c.keys(&["C-b", "u"]);
     assert!(wait_field(&mut conn, "STATE", "tunnel", "allowed").is_some(), "C-b u: {:?}", conn.lines());
@@ -330,32 +330,32 @@ fn hotkeys_with_the_default_prefix() {
     assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b U: {:?}", conn.lines());
     c.keys(&["C-b", "X"]);
     assert!(wait_field(&mut conn, "STATE", "tunnel", "blocked").is_some(), "C-b X: {:?}", conn.lines());
-    assert!(c.wait_screen(secs(5), |s| s.contains("tunnel blocked")), "{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| s.contains("tunnel blocked")), "{}", c.screen());
     c.keys(&["C-b", "u"]);
     assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b u unblocks: {:?}", conn.lines());
     // A dead shell: Enter respawns it, and the new shell is shared.
     c.type_line("exit");
-    assert!(poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"));
+    assert!(poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"));
     // (tmux 3.3 draws the "Shell ended" line of remain-on-exit-format only on some redraws, so the
     // pane's state is what is checked.)
     c.keys(&["Enter"]);
-    assert!(poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "0"));
+    assert!(poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "0"));
     c.type_line("echo REBORN-$((9*9))");
     assert!(conn.wait_output(secs(10), |o| contains(o, b"REBORN-81")), "respawned shell not shared:\n{}", c.diag());
     // q on a live shell is just a letter...
     c.type_text("q");
-    assert!(c.wait_screen(secs(5), |s| s.lines().any(|l| l.trim_end().ends_with("# q"))), "{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| s.lines().any(|l| l.trim_end().ends_with("# q"))), "{}", c.screen());
     c.keys(&["C-u"]);
     // ...and on a dead one it ends the session for good.
     c.type_line("exit");
     assert!(
-        poll_until(secs(5), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"),
+        poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"),
         "{}",
         c.diag()
     );
     c.keys(&["q"]);
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
-    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_for(secs(15), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
     c.assert_clean();
 }
 
@@ -369,15 +369,15 @@ fn another_prefix_drives_the_same_keys() {
     assert!(s.contains("prefix Ctrl-a | F1 menu | Ctrl-a ? help"), "status bar:\n{s}");
     assert!(!s.contains("Ctrl-b"), "{s}");
     c.keys(&["C-a", "c"]);
-    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    assert!(poll_until(secs(15), || role(&c) == "chat"));
     c.keys(&["C-a", "c"]);
-    assert!(poll_until(secs(5), || role(&c) == "shell"));
+    assert!(poll_until(secs(15), || role(&c) == "shell"));
     c.keys(&["C-a", "z"]);
-    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
+    assert!(poll_until(secs(15), || c.inner_fmt("#{window_zoomed_flag}") == "1"));
     c.keys(&["C-a", "z"]);
-    assert!(poll_until(secs(5), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
+    assert!(poll_until(secs(15), || c.inner_fmt("#{window_zoomed_flag}") == "0"));
     c.keys(&["C-a", "?"]);
-    assert!(c.wait_screen(secs(5), |s| s.contains("Ctrl-a Q") && s.contains("Ctrl-a c")), "{}", c.screen());
+    assert!(c.wait_screen(secs(15), |s| s.contains("Ctrl-a Q") && s.contains("Ctrl-a c")), "{}", c.screen());
     close_menu(&c, "This cheat sheet");
     c.keys(&["C-a", "u"]);
     assert!(wait_field(&mut conn, "STATE", "tunnel", "allowed").is_some(), "C-a u: {:?}", conn.lines());
@@ -386,7 +386,7 @@ fn another_prefix_drives_the_same_keys() {
     c.keys(&["C-b", "c"]);
     c.keys(&["Enter"]);
     assert!(
-        c.wait_screen(secs(5), |s| s.lines().any(|l| l.trim_end() == "^Bc")),
+        c.wait_screen(secs(15), |s| s.lines().any(|l| l.trim_end() == "^Bc")),
         "C-b did not reach the shell:\n{}",
         c.screen()
     );
@@ -404,7 +404,7 @@ fn invalid_prefix_falls_back_to_ctrl_b_with_a_warning() {
     let (c, _conn) = Customer::connect(&relay, &id, &[], &[("TUNL_PREFIX", "Bogus-Key")]);
     assert!(c.screen().contains("[SHELL] prefix Ctrl-b"), "{}", c.screen());
     c.keys(&["C-b", "c"]);
-    assert!(poll_until(secs(5), || role(&c) == "chat"));
+    assert!(poll_until(secs(15), || role(&c) == "chat"));
     c.keys(&["C-b", "Q"]);
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
     let h = c.history();
@@ -447,7 +447,7 @@ fn quit_key_ends_cleanly_and_leaves_a_recording() {
     assert!(conn.wait_output(secs(10), |o| contains(o, b"MARKER-42")));
     c.keys(&["C-b", "Q"]);
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
-    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_for(secs(15), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
     assert!(conn.wait_closed(secs(10)), "the link stayed open");
     c.assert_clean();
     let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
@@ -467,7 +467,7 @@ fn ends_by_signal(sig: &str, status: i32) {
     let pid = c.daemon_pid().expect("daemon.pid");
     assert!(std::process::Command::new("kill").args(["-s", sig, &pid.to_string()]).status().unwrap().success());
     assert_eq!(c.wait_status(secs(20)), Some(status), "{}", c.diag());
-    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=signal").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_for(secs(15), |l| l == "BYE reason=signal").is_some(), "{:?}", conn.lines());
     c.assert_clean();
     let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
     check_cast(&rec);
@@ -491,7 +491,7 @@ fn killed_tmux_server_still_cleans_up() {
     c.inner(&["kill-server"]);
     // The session did not end by the customer's choice nor by a fatal error: an orderly end (0).
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
-    assert!(conn.wait_verb(secs(5), "BYE").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_verb(secs(15), "BYE").is_some(), "{:?}", conn.lines());
     assert!(conn.wait_closed(secs(10)), "the link stayed open");
     c.assert_clean();
 }
@@ -503,7 +503,7 @@ fn relay_close_ends_with_zero() {
     let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
     conn.send(&close_line("case solved, thanks"));
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
-    assert!(conn.wait_for(secs(5), |l| l == "BYE reason=relay-close").is_some(), "{:?}", conn.lines());
+    assert!(conn.wait_for(secs(15), |l| l == "BYE reason=relay-close").is_some(), "{:?}", conn.lines());
     c.assert_clean();
     assert!(c.history().contains("case solved, thanks"), "the reason was not shown:\n{}", c.history());
 }
