@@ -209,7 +209,11 @@ fn restricted_mode_drops_support_keys() {
     let st = conn.wait_verb(secs(10), "STATE").unwrap();
     assert_eq!(line_field(&st, "mode"), Some("restricted"), "{st}");
     assert_eq!(line_field(&st, "tunnel"), Some("off"), "{st}");
-    assert!(c.wait_screen(secs(15), |s| s.contains("[watch-only]") && s.contains("mode: restricted")), "{}", c.screen());
+    assert!(
+        c.wait_screen(secs(15), |s| s.contains("[watch-only]") && s.contains("mode: restricted")),
+        "{}",
+        c.screen()
+    );
     conn.send(&k_line(b"echo RESTRICTED-$((3*3))\r"));
     sync(&mut conn, 1);
     assert!(c.ssh_log().contains("dropped K restricted"), "{}", c.ssh_log());
@@ -335,11 +339,15 @@ fn hotkeys_with_the_default_prefix() {
     assert!(wait_field(&mut conn, "STATE", "tunnel", "confirm").is_some(), "C-b u unblocks: {:?}", conn.lines());
     // A dead shell: Enter respawns it, and the new shell is shared.
     c.type_line("exit");
-    assert!(poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1"));
+    assert!(
+        poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "1")
+    );
     // (tmux 3.3 draws the "Shell ended" line of remain-on-exit-format only on some redraws, so the
     // pane's state is what is checked.)
     c.keys(&["Enter"]);
-    assert!(poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "0"));
+    assert!(
+        poll_until(secs(15), || c.inner(&["display-message", "-p", "-t", "tunl:0.0", "#{pane_dead}"]).trim() == "0")
+    );
     c.type_line("echo REBORN-$((9*9))");
     assert!(conn.wait_output(secs(10), |o| contains(o, b"REBORN-81")), "respawned shell not shared:\n{}", c.diag());
     // q on a live shell is just a letter...
