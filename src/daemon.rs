@@ -295,20 +295,13 @@ impl Daemon {
     fn link_lost(&mut self, why: &str) {
         // ssh closed its end: it is exiting, and its last words (why it failed) may still be in the
         // stderr pipe. Let it finish (briefly) and read them before judging the failure.
-        if let Some(l) = &mut self.link {
-            if l.stdout_eof {
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while !matches!(l.p.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
-                    let _ = rustix::event::poll(&mut [], Some(&ts(Duration::from_millis(10))));
-                }
-            }
+        if let Some(l) = self.link.as_mut().filter(|l| l.stdout_eof) {
+            proc::wait_exit(&mut l.p.child, Duration::from_secs(2));
         }
         self.on_link_stderr();
         let Some(mut l) = self.link.take() else { return };
         let _ = l.p.child.kill();
         let _ = l.p.child.wait();
-        // ssh's last words explain a failure better than we can.
-        l.errbuf.clear();
         let was_up = self.state == LinkState::Up;
         self.state = LinkState::Down;
         self.forward_port = None;
@@ -1043,14 +1036,7 @@ impl Daemon {
         self.close_forward();
         if let Some(mut l) = self.link.take() {
             drop(l.p.stdin.take());
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = l.p.child.try_wait() {
-                    break;
-                }
-                let _ = rustix::event::poll(&mut [], Some(&ts(Duration::from_millis(20))));
-            }
-            if !matches!(l.p.child.try_wait(), Ok(Some(_))) {
+            if proc::wait_exit(&mut l.p.child, Duration::from_secs(3)).is_none() {
                 // Ask the master to go through its own socket before resorting to a signal.
                 let _ = proc::run_with_timeout(&mut ssh::exit_command(&self.dir.path), Duration::from_secs(1));
             }

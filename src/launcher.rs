@@ -120,6 +120,11 @@ fn block_ids(content: &[u8]) -> Vec<String> {
     ids
 }
 
+/// The pid the daemon of the session in `dir` published.
+fn daemon_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("daemon.pid")).ok()?.trim().parse().ok().filter(|&p: &i32| p > 0)
+}
+
 /// Is a daemon of this session running here? Its directory names its pid; the pid must still be a
 /// linbit-tunl daemon (pids are reused).
 fn session_alive(id: &str) -> bool {
@@ -127,8 +132,7 @@ fn session_alive(id: &str) -> bool {
         return false;
     }
     let dir = sessiondir::dir_for(id);
-    let Some(pid) = std::fs::read_to_string(dir.join("daemon.pid")).ok().and_then(|p| p.trim().parse::<u32>().ok())
-    else {
+    let Some(pid) = daemon_pid(&dir) else {
         return false;
     };
     // The tmux daemon names its directory; the foreground `--tunnel` one its session ID.
@@ -267,8 +271,7 @@ fn checked_prefix(dir: &SessionDir, prefix: &str) -> String {
 
 fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
-    let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
-    let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
+    let features = tmux::Features::installed();
     let sock = tmux_sock(&cfg, &dir);
     let attach = cfg.tmux_socket.is_some();
     cfg.prefix = if attach { "C-b".to_string() } else { checked_prefix(&dir, &cfg.prefix) };
@@ -373,7 +376,7 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
                 break;
             }
             if let Some(msg) = s.strip_prefix("failed ") {
-                wait_exit(&dir);
+                wait_exit_file(&dir);
                 end_tmux(&sock);
                 say(msg.trim_end());
                 say(&format!("session files kept in {}", dir.path.display()));
@@ -382,10 +385,9 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         }
         if let Some(sig) = signals::held() {
             // The customer gave up while we were connecting: let the daemon end orderly first.
-            if let Some(pid) = std::fs::read_to_string(dir.file("daemon.pid")).ok().and_then(|p| p.trim().parse().ok())
-            {
+            if let Some(pid) = daemon_pid(&dir.path) {
                 signals::send(pid, sig);
-                wait_exit(&dir);
+                wait_exit_file(&dir);
             }
             end_tmux(&sock);
             return INTERRUPTED;
@@ -396,19 +398,17 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if let Ok(pid) = std::fs::read_to_string(dir.file("daemon.pid")) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            signals::forward_to(pid);
-        }
+    if let Some(pid) = daemon_pid(&dir.path) {
+        signals::forward_to(pid);
     }
     let ended = if attach {
         // Our panes are a window of the customer's session: they are already looking at it. This
         // pane waits for the daemon's end and then reports, as the dedicated mode does.
         say("session running in the tmux window 'linbit-tunl'; Ctrl-b Q there ends it");
-        wait_exit_forever(&dir)
+        wait_exit_file_forever(&dir)
     } else {
         let _ = tmux_at(&sock).args(["attach-session", "-t", ui::SESSION]).stdin(Stdio::inherit()).status();
-        wait_exit(&dir)
+        wait_exit_file(&dir)
     };
     let (status, rec) = match ended {
         Some(x) => x,
@@ -451,10 +451,10 @@ fn save_bindings(sock: &Path, dir: &SessionDir) -> Result<(), String> {
 
 /// `--attach`: the session may run for hours; wait for the daemon's exit file for as long as it
 /// lives, and give up only when its process is gone.
-fn wait_exit_forever(dir: &SessionDir) -> Option<(u8, String)> {
-    let pid = std::fs::read_to_string(dir.file("daemon.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok());
+fn wait_exit_file_forever(dir: &SessionDir) -> Option<(u8, String)> {
+    let pid = daemon_pid(&dir.path);
     loop {
-        if let Some(x) = wait_exit(dir) {
+        if let Some(x) = wait_exit_file(dir) {
             return Some(x);
         }
         let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
@@ -465,7 +465,7 @@ fn wait_exit_forever(dir: &SessionDir) -> Option<(u8, String)> {
 }
 
 /// The daemon's exit file: status and recording path.
-fn wait_exit(dir: &SessionDir) -> Option<(u8, String)> {
+fn wait_exit_file(dir: &SessionDir) -> Option<(u8, String)> {
     let deadline = Instant::now() + EXIT_TIMEOUT;
     loop {
         if let Ok(s) = std::fs::read_to_string(dir.file("exit")) {
@@ -528,8 +528,7 @@ pub fn daemon_main(dir: &Path) -> u8 {
         cfg.prefix = p;
     }
     let _ = sessiondir::publish(&dir.file("daemon.pid"), &format!("{}\n", std::process::id()));
-    let version = Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
-    let features = tmux::Features::from_version_output(&String::from_utf8_lossy(&version));
+    let features = tmux::Features::installed();
     let sock = tmux_sock(&cfg, &dir);
     let attach = cfg.tmux_socket.is_some();
     let mut d = match Daemon::new(cfg, dir, auth_path, false) {

@@ -89,6 +89,21 @@ pub fn write_some(fd: BorrowedFd<'_>, buf: &[u8], off: &mut usize) -> io::Result
     Ok(())
 }
 
+/// Wait (bounded, without blocking forever) for a child to exit; its status if it did in time.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(5)));
+    }
+}
+
 pub struct Finished {
     pub status: Option<ExitStatus>,
     pub stdout: Vec<u8>,
@@ -123,17 +138,12 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> io::Result<Fini
         }
     }
     // Both pipes closed: the child has exited or is about to; wait, bounded.
-    loop {
-        if let Some(st) = p.child.try_wait()? {
-            return Ok(Finished { status: Some(st), stdout: out, stderr: err });
-        }
-        if Instant::now() >= deadline {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-            return Ok(Finished { status: None, stdout: out, stderr: err });
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    let status = wait_exit(&mut p.child, deadline.saturating_duration_since(Instant::now()));
+    if status.is_none() {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
     }
+    Ok(Finished { status, stdout: out, stderr: err })
 }
 
 #[cfg(test)]

@@ -365,6 +365,12 @@ impl Features {
         }
     }
 
+    /// Of the `tmux` on PATH, asked once (`tmux -V`); an unreadable answer counts as the oldest.
+    pub fn installed() -> Features {
+        let out = std::process::Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
+        Features::from_version_output(&String::from_utf8_lossy(&out))
+    }
+
     /// From the text `tmux -V` printed.
     pub fn from_version_output(s: &str) -> Features {
         Features::from_version(parse_version(s))
