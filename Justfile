@@ -17,6 +17,8 @@ setup:
     for p in tmux openssh-server openssh-client socat musl-tools binutils openssl procps curl file; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
     done
+    # The share tests drive a full-screen editor as support would.
+    command -v vi >/dev/null || need+=(vim-tiny)
     if [ ${#need[@]} -gt 0 ]; then
         sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
         $sudo apt-get update -qq

@@ -128,7 +128,8 @@ Environment:
   SSL_CERT_FILE         extra PEM roots trusted for TUNL_API
 
 Hotkeys (prefix Ctrl-b unless TUNL_PREFIX): Q end session, c chat/shell, u grant tunnel,
-U revoke tunnel, X block tunnel requests, L reset layout, F1 or Enter menu, ? cheat sheet.
+U revoke tunnel, X block tunnel requests, L reset layout, F1 or Enter menu, ? cheat sheet,
+K kill the session.
 
 Exit status: 0 normal end, 1 fatal error, 130 SIGINT, 143 SIGTERM.
 ";
