@@ -155,9 +155,9 @@ test: lint
     cargo build --workspace --bins
     cargo test --workspace -- --test-threads=4
 
-# The test relay on its own: a real sshd on 127.0.0.1, the broker and the signing API.
+# The test double relay on its own: a real sshd on 127.0.0.1, the broker and the signing API.
 relay SESSION="swift-fox-jumps-barrel" TOKEN="123456":
-    cargo run -q -p tunl-relay -- serve --session {{SESSION}} --token {{TOKEN}}
+    cargo run -q -p relay-double -- serve --session {{SESSION}} --token {{TOKEN}}
 
 # A local demo: the test relay and a session against it in this terminal.
 demo SESSION="swift-fox-jumps-barrel":

@@ -23,7 +23,7 @@ cleanup() {
 trap cleanup EXIT
 
 tmux -S "$SOCK" -f /dev/null new-session -d -s support -x 160 -y 40 \
-    "$BIN/tunl-relay serve --session $SESSION --token $TOKEN --out $D/support.out --target-sshd $D/authorized_keys"
+    "$BIN/relay-double serve --session $SESSION --token $TOKEN --out $D/support.out --target-sshd $D/authorized_keys"
 # The relay prints the environment the client needs once its sshd and API are up.
 for _ in $(seq 1 300); do
     tmux -S "$SOCK" capture-pane -p -t support | grep '^export ' > "$D/env" || true

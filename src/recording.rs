@@ -240,10 +240,10 @@ pub fn json_str(s: &str) -> String {
 mod tests {
     use super::*;
 
-    use tunl_relay::json::J;
+    use relay_double::json::J;
 
     fn parse_json(line: &str) -> J {
-        tunl_relay::json::parse_json(line).unwrap_or_else(|| panic!("not JSON: {line}"))
+        relay_double::json::parse_json(line).unwrap_or_else(|| panic!("not JSON: {line}"))
     }
 
     fn get<'a>(o: &'a J, k: &str) -> &'a J {

@@ -74,7 +74,7 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     let size = conn.lines().into_iter().find(|l| l.starts_with("SIZE ")).unwrap();
     assert_ne!(size, "SIZE 80 24", "the shared pane has the real size of the customer's window");
     // Support types into the shell pane of the new window.
-    conn.send(&tunl_relay::k_line(b"echo ATTACHED-$((40+2))\r"));
+    conn.send(&relay_double::k_line(b"echo ATTACHED-$((40+2))\r"));
     assert!(conn.wait_output(secs(10), |o| String::from_utf8_lossy(o).contains("ATTACHED-42")));
     // The customer presses Ctrl-b Q in their own tmux.
     tmux(&outer, &["send-keys", "C-b", "Q"]);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tunl_relay::{Conn, Relay, RelayOpts, k_line, unb64};
+use relay_double::{Conn, Relay, RelayOpts, k_line, unb64};
 
 const BIN: &str = env!("CARGO_BIN_EXE_linbit-tunl");
 const TOKEN: &str = "424242";

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use tunl_relay::{SignMode, line_field};
+use relay_double::{SignMode, line_field};
 
 const TOKEN: &str = "424242";
 
@@ -81,7 +81,7 @@ fn relay_close_ends_with_zero() {
     let scratch = Scratch::new("close");
     let id = unique_id("close");
     let (mut fg, mut conn) = connected(&relay, &id, &scratch, &[]);
-    conn.send(&tunl_relay::close_line("case solved"));
+    conn.send(&relay_double::close_line("case solved"));
     assert!(conn.wait_for(secs(10), |l| l == "BYE reason=relay-close").is_some(), "{:?}", conn.lines());
     assert_eq!(fg.wait(secs(15)), Some(0), "{}", fg.stderr_text());
     assert!(fg.stderr_text().contains("case solved"));
@@ -89,7 +89,7 @@ fn relay_close_ends_with_zero() {
 
 #[test]
 fn keyboard_interactive_with_the_session_id_and_with_the_token() {
-    if !tunl_relay::ki_supported() {
+    if !relay_double::ki_supported() {
         eprintln!("skipped: keyboard-interactive needs root and a writable /etc/pam.d");
         return;
     }
@@ -128,7 +128,7 @@ fn keyboard_interactive_with_the_session_id_and_with_the_token() {
 
 #[test]
 fn wrong_keyboard_interactive_answer_is_refused() {
-    if !tunl_relay::ki_supported() {
+    if !relay_double::ki_supported() {
         eprintln!("skipped: keyboard-interactive needs root and a writable /etc/pam.d");
         return;
     }

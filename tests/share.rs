@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use tunl_relay::json::{J, parse_json};
-use tunl_relay::{chat_line, close_line, k_line, line_field, note_line, unb64};
+use relay_double::json::{J, parse_json};
+use relay_double::{chat_line, close_line, k_line, line_field, note_line, unb64};
 
 fn relay() -> Relay {
     Relay::start(RelayOpts::default()).expect("test relay")
@@ -523,10 +523,10 @@ fn a_busy_shell_still_pings_a_quiet_relay() {
     let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
     // Output every 200 ms: the client never goes 15 s without sending, and the relay says nothing
     // but PONG. Without a PING the 45 s silence limit would call a healthy link dead.
-    conn.send(&tunl_relay::k_line(b"while :; do echo tick; sleep 0.2; done\r"));
+    conn.send(&relay_double::k_line(b"while :; do echo tick; sleep 0.2; done\r"));
     assert!(conn.wait_output(secs(10), |o| contains(o, b"tick\r\ntick")), "{}", c.diag());
     let ping = conn.wait_for(secs(25), |l| l.starts_with("PING "));
     assert!(ping.is_some(), "no PING while busy: {}", c.diag());
     assert!(!c.ssh_log().contains("link lost"), "{}", c.ssh_log());
-    conn.send(&tunl_relay::k_line(b"\x03"));
+    conn.send(&relay_double::k_line(b"\x03"));
 }

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tunl_relay::{SupportKey, TargetSshd, line_field, support_login, upgrade_line};
+use relay_double::{SupportKey, TargetSshd, line_field, support_login, upgrade_line};
 
 const TOKEN: &str = "424242";
 const OK: &str = "TUNNEL-OK";

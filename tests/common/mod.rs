@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use tunl_relay::{Conn, Relay, RelayOpts};
+pub use relay_double::{Conn, Relay, RelayOpts};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_linbit-tunl");
 

@@ -1,8 +1,8 @@
-//! `tunl-relay`: the test relay's binary.
+//! `relay-double`: the test relay's binary.
 //!
-//! - `tunl-relay shim SOCK`: sshd's ForceCommand; hands the session to the broker socket.
-//! - `tunl-relay pam-check DIR`: pam_exec checker for keyboard-interactive answers.
-//! - `tunl-relay serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE] [--target-sshd AUTHORIZED_KEYS]`: the standalone
+//! - `relay-double shim SOCK`: sshd's ForceCommand; hands the session to the broker socket.
+//! - `relay-double pam-check DIR`: pam_exec checker for keyboard-interactive answers.
+//! - `relay-double serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE] [--target-sshd AUTHORIZED_KEYS]`: the standalone
 //!   demo relay with a support console on stdin.
 
 use std::io::{self, BufRead, Read, Write};
@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tunl_relay::{Relay, RelayOpts, SupportKey, chat_line, close_line, k_line, line_field, note_line, unb64};
+use relay_double::{Relay, RelayOpts, SupportKey, chat_line, close_line, k_line, line_field, note_line, unb64};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,13 +22,13 @@ fn main() -> ExitCode {
         Some("serve") => match serve(&args[1..]) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("tunl-relay: {e}");
+                eprintln!("relay-double: {e}");
                 1
             }
         },
         _ => {
             eprintln!(
-                "usage: tunl-relay shim SOCK | pam-check DIR | serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE] [--target-sshd AUTHORIZED_KEYS]"
+                "usage: relay-double shim SOCK | pam-check DIR | serve [--session ID] [--token T] [--ki] [--viewers N] [--out FILE] [--target-sshd AUTHORIZED_KEYS]"
             );
             2
         }
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 fn shim(sock: &str) -> u8 {
     let cmd = std::env::var("SSH_ORIGINAL_COMMAND").unwrap_or_default();
     let Ok(mut s) = UnixStream::connect(sock) else {
-        eprintln!("tunl-relay shim: broker unavailable");
+        eprintln!("relay-double shim: broker unavailable");
         return 1;
     };
     if s.write_all(format!("HELLO {}\n", cmd.replace('\n', " ")).as_bytes()).is_err() {
@@ -96,7 +96,7 @@ fn pam_check(dir: &Path) -> u8 {
     if secret.is_empty() || secret.len() > 256 {
         return 1;
     }
-    if dir.join(tunl_relay::util::hex(&secret)).is_file() { 0 } else { 1 }
+    if dir.join(relay_double::util::hex(&secret)).is_file() { 0 } else { 1 }
 }
 
 /// Decodes console escapes: `\r`, `\n`, `\t`, `\e`, `\\`, `\xHH`.
@@ -159,7 +159,7 @@ fn serve(args: &[String]) -> Result<(), String> {
     // authorized_keys file the client edits.
     let _target = match &target_keys {
         Some(path) => {
-            let t = tunl_relay::TargetSshd::start(Path::new(path)).map_err(|e| format!("target sshd: {e}"))?;
+            let t = relay_double::TargetSshd::start(Path::new(path)).map_err(|e| format!("target sshd: {e}"))?;
             println!("export TUNL_TARGET_HOST='127.0.0.1'");
             println!("export TUNL_TARGET_PORT='{}'", t.port);
             Some(t)
@@ -249,7 +249,7 @@ fn serve(args: &[String]) -> Result<(), String> {
                     "upgrade" => {
                         let k = SupportKey::generate(relay.dir()).map_err(|e| e.to_string())?;
                         req += 1;
-                        let l = tunl_relay::upgrade_line(&req.to_string(), "support", &k.public_line);
+                        let l = relay_double::upgrade_line(&req.to_string(), "support", &k.public_line);
                         key = Some(k);
                         l
                     }

@@ -85,7 +85,7 @@ pub(crate) fn make_tls(dir: &Path) -> io::Result<(PathBuf, PathBuf, PathBuf)> {
     let ec = ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"];
     run(Command::new("openssl").args(ec).arg(&ca_key))?;
     run(Command::new("openssl")
-        .args(["req", "-x509", "-new", "-sha256", "-days", "2", "-subj", "/CN=tunl-relay test CA", "-key"])
+        .args(["req", "-x509", "-new", "-sha256", "-days", "2", "-subj", "/CN=relay-double test CA", "-key"])
         .arg(&ca_key)
         .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         .arg("-out")

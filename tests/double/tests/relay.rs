@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tunl_relay::util::{TempDir, wait_until};
-use tunl_relay::{Relay, RelayOpts, SignMode, SupportKey, TargetSshd, support_login};
+use relay_double::util::{TempDir, wait_until};
+use relay_double::{Relay, RelayOpts, SignMode, SupportKey, TargetSshd, support_login};
 
 const SID: &str = "alpha-bravo-charlie-delta";
 
@@ -75,7 +75,7 @@ impl Drop for Killed {
 fn api_signed_cert_logs_in_and_broker_gets_hello() {
     let relay = Relay::start(RelayOpts::default()).unwrap();
     relay.register(SID, Some("123456"));
-    let tmp = TempDir::new("tunl-relay-test").unwrap();
+    let tmp = TempDir::new("relay-double-test").unwrap();
     let key = keygen(tmp.path(), "id_ed25519");
     let pubkey = fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_string();
 
@@ -130,7 +130,7 @@ fn api_signed_cert_logs_in_and_broker_gets_hello() {
 #[test]
 fn sign_modes_and_foreign_ca_refused() {
     let relay = Relay::start(RelayOpts::default()).unwrap();
-    let tmp = TempDir::new("tunl-relay-test").unwrap();
+    let tmp = TempDir::new("relay-double-test").unwrap();
     let key = keygen(tmp.path(), "id_ed25519");
     let pubkey = fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_string();
 
@@ -176,7 +176,7 @@ fn sign_modes_and_foreign_ca_refused() {
 #[test]
 fn host_cert_from_other_ca_fails_strict_check() {
     let relay = Relay::start(RelayOpts { host_cert_other_ca: true, api_down: true, ..Default::default() }).unwrap();
-    let tmp = TempDir::new("tunl-relay-test").unwrap();
+    let tmp = TempDir::new("relay-double-test").unwrap();
     let key = keygen(tmp.path(), "id_ed25519");
     relay.sign_user_key(&key.with_extension("pub"), "t").unwrap();
     let mut ssh = ssh_base(&relay, tmp.path());
@@ -186,13 +186,13 @@ fn host_cert_from_other_ca_fails_strict_check() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Host key verification failed"), "{out:?}");
     // api_down: nothing listens.
     let port: u16 = relay.api_url().rsplit(':').next().unwrap().parse().unwrap();
-    assert!(!tunl_relay::util::port_open(port));
+    assert!(!relay_double::util::port_open(port));
 }
 
 #[test]
 fn control_master_remote_forward_and_support_login() {
     let relay = Relay::start(RelayOpts::default()).unwrap();
-    let tmp = TempDir::new("tunl-relay-test").unwrap();
+    let tmp = TempDir::new("relay-double-test").unwrap();
     let key = keygen(tmp.path(), "id_ed25519");
     relay.sign_user_key(&key.with_extension("pub"), SID).unwrap();
 
@@ -225,28 +225,28 @@ fn control_master_remote_forward_and_support_login() {
     let port: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("the mux client prints the port");
     assert!(port > 0);
 
-    let login = support_login(port, &support, &tunl_relay::util::current_user(), "echo tunnel-ok").unwrap();
+    let login = support_login(port, &support, &relay_double::util::current_user(), "echo tunnel-ok").unwrap();
     assert!(login.status.success(), "{login:?}\n{}", target.log());
     assert_eq!(String::from_utf8_lossy(&login.stdout).trim(), "tunnel-ok");
 
     // After cancel the relay port is gone.
     let out = fwd("cancel");
     assert!(out.status.success(), "{out:?}");
-    assert!(wait_until(soon(10), || !tunl_relay::util::port_open(port)));
+    assert!(wait_until(soon(10), || !relay_double::util::port_open(port)));
 }
 
 #[test]
 fn keyboard_interactive_through_pam() {
-    if !tunl_relay::ki_supported() {
+    if !relay_double::ki_supported() {
         eprintln!("skipped: /etc/pam.d is not writable");
         return;
     }
     let relay = Relay::start(RelayOpts { ki: true, api_down: true, ..Default::default() }).unwrap();
     relay.register(SID, Some("987654"));
-    let tmp = TempDir::new("tunl-relay-test").unwrap();
+    let tmp = TempDir::new("relay-double-test").unwrap();
     let pam_file = Path::new("/etc/pam.d").join(relay.dir().file_name().unwrap().to_str().unwrap().replacen(
-        "tunl-relay-",
-        "tunl-relay-sshd-",
+        "relay-double-",
+        "relay-double-sshd-",
         1,
     ));
     assert!(pam_file.exists(), "{}", pam_file.display());

@@ -2,11 +2,11 @@
 //! design.md, "The test bed"):
 //!
 //! - a real `/usr/sbin/sshd` with a host certificate and `TrustedUserCAKeys` from an SSH CA made per
-//!   run, whose `ForceCommand` is this crate's own binary (`tunl-relay shim SOCK`), which hands the
+//!   run, whose `ForceCommand` is this crate's own binary (`relay-double shim SOCK`), which hands the
 //!   session to the broker;
 //! - the broker, a unix socket that turns each session into a [`Conn`] speaking `linbit-tunl/1`;
 //! - an HTTPS signing endpoint (rustls, throwaway TLS CA made with `openssl`);
-//! - optionally keyboard-interactive through PAM (`pam_exec` + `tunl-relay pam-check`);
+//! - optionally keyboard-interactive through PAM (`pam_exec` + `relay-double pam-check`);
 //! - [`TargetSshd`], a second sshd as the customer's SSH target, and [`SupportKey`]/[`support_login`]
 //!   to log in as support through a reverse tunnel.
 //!
@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! use std::time::{Duration, Instant};
-//! use tunl_relay::{Relay, RelayOpts};
+//! use relay_double::{Relay, RelayOpts};
 //! let relay = Relay::start(RelayOpts::default()).unwrap();
 //! relay.register("alpha-bravo-charlie-delta", Some("123456"));
 //! // run the client with relay.env() ...
@@ -92,21 +92,21 @@ impl std::fmt::Debug for Relay {
 
 /// True if this process can install a PAM service (root and a writable `/etc/pam.d`).
 pub fn ki_supported() -> bool {
-    let probe = Path::new("/etc/pam.d").join(format!(".tunl-relay-probe-{}", std::process::id()));
+    let probe = Path::new("/etc/pam.d").join(format!(".relay-double-probe-{}", std::process::id()));
     let ok = fs::write(&probe, b"").is_ok();
     let _ = fs::remove_file(&probe);
     ok && Path::new(SSHD).exists()
 }
 
-/// The `tunl-relay` binary, for sshd's ForceCommand and PAM's `pam_exec`.
+/// The `relay-double` binary, for sshd's ForceCommand and PAM's `pam_exec`.
 ///
-/// Integration tests of the main crate do not get `CARGO_BIN_EXE_tunl-relay` (cargo only sets it for
+/// Integration tests of the main crate do not get `CARGO_BIN_EXE_relay-double` (cargo only sets it for
 /// the relay crate's own tests), so the binary is found or built on demand:
 /// 1. `$TUNL_RELAY_BIN` if set;
-/// 2. the current executable if it is `tunl-relay` itself (the standalone `serve`);
-/// 3. otherwise, once per process, `$CARGO build -p tunl-relay --bin tunl-relay` (`--release` when the
+/// 2. the current executable if it is `relay-double` itself (the standalone `serve`);
+/// 3. otherwise, once per process, `$CARGO build -p relay-double --bin relay-double` (`--release` when the
 ///    test executable lives in a `release` profile dir) is run for the workspace, so the binary is never
-///    stale, and `tunl-relay` next to the test executable (`target/PROFILE/`, the parent of `deps/`) is
+///    stale, and `relay-double` next to the test executable (`target/PROFILE/`, the parent of `deps/`) is
 ///    used. If the build cannot run, an existing binary there is used as it is.
 pub fn relay_binary() -> io::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -118,18 +118,18 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    if exe.file_name().is_some_and(|n| n == "tunl-relay") {
+    if exe.file_name().is_some_and(|n| n == "relay-double") {
         return Ok(exe);
     }
     let mut dir = exe.parent().ok_or("no exe dir")?.to_path_buf();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }
-    let candidate = dir.join("tunl-relay");
+    let candidate = dir.join("relay-double");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "tunl-relay", "--bin", "tunl-relay", "--manifest-path"]).arg(&manifest);
+    cmd.args(["build", "--quiet", "-p", "relay-double", "--bin", "relay-double", "--manifest-path"]).arg(&manifest);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
@@ -137,7 +137,7 @@ fn find_or_build_binary() -> Result<PathBuf, String> {
     if candidate.is_file() {
         return Ok(candidate);
     }
-    Err(format!("tunl-relay binary not found at {} (cargo build: {built:?})", candidate.display()))
+    Err(format!("relay-double binary not found at {} (cargo build: {built:?})", candidate.display()))
 }
 
 impl Relay {
@@ -150,7 +150,7 @@ impl Relay {
             ));
         }
         let bin = relay_binary()?;
-        let dir = TempDir::new("tunl-relay")?;
+        let dir = TempDir::new("relay-double")?;
         let d = dir.path().to_path_buf();
         let user = util::current_user();
 
@@ -161,15 +161,15 @@ impl Relay {
         let ca = d.join("ca");
         let other_ca = d.join("other-ca");
         let host_key = d.join("host_ed25519");
-        keygen(&ca, "tunl-relay test CA")?;
+        keygen(&ca, "relay-double test CA")?;
         keygen(&other_ca, "some other CA")?;
-        keygen(&host_key, "tunl-relay host")?;
+        keygen(&host_key, "relay-double host")?;
         let host_signer = if opts.host_cert_other_ca { &other_ca } else { &ca };
         run(Command::new("ssh-keygen")
             .arg("-q")
             .arg("-s")
             .arg(host_signer)
-            .args(["-h", "-I", "tunl-relay-host", "-n", "127.0.0.1,localhost", "-V", "-5m:+1d"])
+            .args(["-h", "-I", "relay-double-host", "-n", "127.0.0.1,localhost", "-V", "-5m:+1d"])
             .arg(d.join("host_ed25519.pub")))?;
         let ca_pub = fs::read_to_string(d.join("ca.pub"))?.trim().to_string();
 
@@ -200,7 +200,7 @@ impl Relay {
 
         // sshd runs through a symlink with a per-instance name: OpenSSH uses its program name as the PAM
         // service (verified on Debian 12's OpenSSH 9.2: it opens /etc/pam.d/<argv0 basename>).
-        let service = format!("tunl-relay-sshd-{}", dir.tag());
+        let service = format!("relay-double-sshd-{}", dir.tag());
         let sshd_link = d.join(&service);
         std::os::unix::fs::symlink(SSHD, &sshd_link)?;
         let mut pam_file = None;

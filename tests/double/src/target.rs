@@ -88,7 +88,7 @@ impl Drop for TargetSshd {
 #[derive(Clone, Debug)]
 pub struct SupportKey {
     pub private_path: PathBuf,
-    /// The `authorized_keys`-style public line (`ssh-ed25519 AAAA... support@tunl-relay`).
+    /// The `authorized_keys`-style public line (`ssh-ed25519 AAAA... support@relay-double`).
     pub public_line: String,
 }
 
@@ -104,7 +104,7 @@ impl SupportKey {
             n += 1;
         };
         run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "support@tunl-relay", "-f"])
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "support@relay-double", "-f"])
             .arg(&private_path))?;
         let public_line = fs::read_to_string(private_path.with_extension("pub"))?.trim().to_string();
         Ok(SupportKey { private_path, public_line })
