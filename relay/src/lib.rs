@@ -1,0 +1,10 @@
+//! `tunl-relay`: the relay a support team deploys. One concern a module; see docs/architecture.md
+//! ("The relay and the support side") for the processes and who runs each.
+
+pub mod layout;
+pub mod registry;
+
+/// Unix seconds now (the registry takes times from its callers).
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
