@@ -179,9 +179,11 @@ impl Screen {
             o.push_str(&format!("\x1b[3;{}r", rows - 1));
             let region = rows - 3;
             let lines: Vec<String> = self.history.iter().flat_map(|l| wrap(l, cols)).collect();
+            // Bottom-aligned, as `add` writes new lines at the bottom of the region.
             let start = lines.len().saturating_sub(region);
+            let top = 3 + region - (lines.len() - start);
             for (i, l) in lines[start..].iter().enumerate() {
-                o.push_str(&format!("\x1b[{};1H{l}", 3 + i));
+                o.push_str(&format!("\x1b[{};1H{l}", top + i));
             }
         }
         o.push_str(&self.status());

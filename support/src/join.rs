@@ -79,8 +79,9 @@ pub fn tmux_conf(sid: &str, exe: &Path, dir: &Path) -> String {
     l("set-window-option -g allow-rename off");
     l("set-option -gq allow-passthrough off");
     l("set-option -gq focus-events off");
-    // The window is exactly the customer's pane plus the chat; a smaller terminal is told so.
-    l("set-option -gq window-size manual");
+    // The window is sized to the customer's pane plus the chat by the view's `resize-window`
+    // (which makes that window's size manual); a smaller terminal is told so. A global
+    // `window-size manual` here crashes tmux 3.3a's server on the split that follows.
     l("set-option -g status on");
     l("set-option -g status-interval 0");
     l("set-option -g status-left-length 40");
@@ -88,7 +89,7 @@ pub fn tmux_conf(sid: &str, exe: &Path, dir: &Path) -> String {
     l(&format!("set-option -g status-left {}", tmux_quote(&format!(" tunl {sid} "))));
     l(&format!(
         "set-option -g status-right {}",
-        tmux_quote("#{@tunl-status} | Ctrl-b c shell/chat | Ctrl-b d detach | Ctrl-b ? keys ")
+        tmux_quote("#{@tunl-status} | C-b c shell/chat | C-b d detach | C-b ? keys ")
     ));
     l("set-window-option -g window-status-format ''");
     l("set-window-option -g window-status-current-format ''");
@@ -287,8 +288,10 @@ pub fn run(relay: &Relay, sid: &str, read_only: bool) -> Result<i32, String> {
             why.map(|w| format!(": {w}")).unwrap_or_default()
         ));
     }
-    if !sig.drain().is_empty() {
-        return Ok(130);
+    if let Some(s) =
+        sig.drain().into_iter().find(|&s| matches!(s, crate::term::SIGINT | crate::term::SIGTERM | crate::term::SIGHUP))
+    {
+        return Ok(128 + s);
     }
 
     let conf = dir.join("tmux.conf");

@@ -622,9 +622,9 @@ pub fn run(dir: &Path) -> i32 {
         let tag = match (v.blocked(), v.mismatch()) {
             (_, Some(_)) => "TERMINAL TOO SMALL",
             (Some(_), _) if v.ro => "READ-ONLY",
-            (Some(_), _) if v.brb => "BRB",
-            (Some(_), _) => "NOT TYPING",
-            _ => "typing goes to the customer",
+            (Some(_), _) if v.brb => "BRB: not typing",
+            (Some(_), _) => "not typing",
+            _ => "typing: on",
         };
         let _ = tmux_cmd(dir, &["set-option", "-g", "@tunl-status", tag]);
     };
