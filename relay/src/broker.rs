@@ -416,7 +416,7 @@ impl Broker {
             if self.peers.values().filter(|p| matches!(p.role, Role::Opening { .. })).count() >= MAX_OPENING {
                 continue;
             }
-            let name = crate::accounts::user_name(uid);
+            let name = crate::identity::user_name(uid);
             self.add_peer(s, SMALL_QUEUE, Role::Opening { name });
         }
     }

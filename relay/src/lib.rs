@@ -1,12 +1,12 @@
 //! `tunl-relay`: the relay a support team deploys. One concern a module; see docs/architecture.md
 //! ("The relay and the support side") for the processes and who runs each.
 
-pub mod accounts;
 pub mod audit;
 pub mod broker;
 pub mod from_customer;
 pub mod from_viewer;
 pub mod hello;
+pub mod identity;
 pub mod layout;
 pub mod outq;
 pub mod recording;

@@ -1,5 +1,5 @@
-//! Unix account names from `/etc/passwd` and `/etc/group`, read directly: the broker names a
-//! viewer by the uid that `SO_PEERCRED` reports, never by what the viewer says.
+//! Who a viewer is: the broker names a peer on `support.sock` by the uid that `SO_PEERCRED`
+//! reports (looked up in `/etc/passwd`), never by what the peer says.
 
 use std::fs;
 
