@@ -15,6 +15,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rustix::event::{PollFd, PollFlags};
 
 use crate::cli::Config;
+use crate::mux::{self, Mux};
 use crate::proc::{self, Proc};
 use crate::protocol::{self, RelayMsg, Verdict};
 use crate::sessiondir::{Log, SessionDir};
@@ -33,6 +34,8 @@ const OUTQ_HIGH: usize = 4 << 20;
 const PAUSE_AFTER_SECS: u32 = 30;
 /// The orderly end must finish within this, or the watchdog kills us.
 pub const WATCHDOG_SECS: u32 = 10;
+/// Every wait of the orderly end draws from this one budget, well inside the watchdog (F21).
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(7);
 /// A Grant/Deny popup dismissed without an answer (Escape, a click outside) comes back after this:
 /// tmux gives no notice of the dismissal, and a request must be answered, not lost. While the menu
 /// is still on screen tmux ignores the repeated display-menu.
@@ -127,6 +130,10 @@ pub struct Daemon {
     chat_out: Option<OwnedFd>,
     tunnel: Tunnel,
     forward_port: Option<u16>,
+    /// The `ssh -O` clients, run as children of the loop (F20).
+    mux: Mux,
+    /// Granted requests waiting for the forward: their keys are written only once it is up (F7).
+    awaiting: Vec<(String, Vec<String>)>,
     viewers: u32,
     note: String,
     rec: Option<recording::Recorder>,
@@ -149,6 +156,7 @@ impl Daemon {
         let sshlog = Log::open(&dir.file("ssh.log"));
         let (host, ips) = ssh::host_context();
         let tunnel = Tunnel::new(cfg.mode);
+        let mux = Mux::new(&dir.path, &cfg.target_host, cfg.target_port);
         Ok(Daemon {
             cfg,
             dir,
@@ -171,6 +179,8 @@ impl Daemon {
             chat_out: None,
             tunnel,
             forward_port: None,
+            mux,
+            awaiting: Vec::new(),
             viewers: 0,
             note: String::new(),
             rec: None,
@@ -256,6 +266,8 @@ impl Daemon {
         self.sshlog.line(&format!("connect {}:{} resume={}", self.cfg.relay, self.cfg.relay_port, resume as u8));
         match proc::spawn(&mut cmd, true) {
             Ok(p) => {
+                // For the launcher's fallback, should this daemon die without its orderly end (F19).
+                let _ = crate::sessiondir::publish(&self.dir.file("ssh.pid"), &format!("{}\n", p.child.id()));
                 let now = Instant::now();
                 self.link = Some(Link {
                     p,
@@ -305,6 +317,9 @@ impl Daemon {
         let was_up = self.state == LinkState::Up;
         self.state = LinkState::Down;
         self.forward_port = None;
+        // Grants waiting for a forward of the old master cannot get one: refused, nothing written.
+        self.fail_awaiting();
+        self.mux.reset();
         self.tunnel.link_lost();
         if self.end.is_some() {
             return;
@@ -477,19 +492,9 @@ impl Daemon {
         self.send_state();
         self.request_snap();
         // The forward died with the old master: a tunnel that was open, or --tunnel mode, opens again.
+        // Open tunnels are announced again once the new forward is up (`on_mux`).
         let fx = if first { self.tunnel.connect() } else { self.tunnel.resume() };
         self.apply(fx, protocol::CloseReason::Ended);
-        if !first {
-            if let Some(port) = self.forward_port {
-                let reqs = self.tunnel.open_reqs().to_vec();
-                let user = self.cfg.user.clone();
-                for req in reqs {
-                    if let Some(o) = self.out() {
-                        protocol::push_tunnel_open(o, &req, port, &user);
-                    }
-                }
-            }
-        }
         self.status_row();
     }
 
@@ -775,12 +780,17 @@ impl Daemon {
                     }
                 }
                 tunnel::Effect::OpenForward => {
-                    self.open_forward();
-                    if self.forward_port.is_some() {
-                        self.tunnel.forward_opened();
+                    if self.forward_port.is_none() {
+                        let out = self.mux.request(mux::Op::Open);
+                        self.on_mux(out);
                     }
                 }
-                tunnel::Effect::CancelForward => self.close_forward(),
+                tunnel::Effect::CancelForward => {
+                    if self.forward_port.take().is_some() || self.mux.opening() {
+                        let out = self.mux.request(mux::Op::Cancel);
+                        self.on_mux(out);
+                    }
+                }
                 tunnel::Effect::RemoveKeys => {
                     self.remove_keys();
                     self.chat_show("tunnel closed: support keys removed");
@@ -819,6 +829,9 @@ impl Daemon {
         );
     }
 
+    /// A granted request. Transactional (F7): the forward comes first, the keys are written only once
+    /// it is up, and `installed` changes only after the file did; a failure at any step leaves the
+    /// file as it was and answers the request `error`.
     fn install(&mut self, req: &str, keys: &[u8]) {
         let keys = match authkeys::validate_keys(keys) {
             Ok(k) => k,
@@ -827,11 +840,31 @@ impl Daemon {
                 return self.apply(fx, protocol::CloseReason::Revoked);
             }
         };
+        if self.forward_port.is_some() {
+            return self.commit_keys(vec![(req.to_string(), keys)]);
+        }
+        if self.state != LinkState::Up || self.awaiting.len() >= tunnel::MAX_QUEUED {
+            // No master to forward through (the link is down), or too many grants in flight.
+            self.log.line(&format!("tunnel request {req}: no forward can be opened now"));
+            let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
+            return self.apply(fx, protocol::CloseReason::Revoked);
+        }
+        self.awaiting.push((req.to_string(), keys));
+        let out = self.mux.request(mux::Op::Open);
+        self.on_mux(out);
+    }
+
+    /// Write the block with the keys of `batch` added, then announce each request.
+    fn commit_keys(&mut self, batch: Vec<(String, Vec<String>)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let Some(port) = self.forward_port else { return self.fail_batch(batch) };
         let mut all = self.installed.clone();
-        for k in keys {
+        for k in batch.iter().flat_map(|(_, keys)| keys) {
             // A key granted again (a second request of the same engineer) is in the block once.
-            if !all.contains(&k) {
-                all.push(k);
+            if !all.contains(k) {
+                all.push(k.clone());
             }
         }
         let sid = self.cfg.session_id.clone();
@@ -841,53 +874,69 @@ impl Daemon {
         });
         if let Err(e) = res {
             self.tell(&format!("cannot install support keys: {e}"));
-            let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
-            return self.apply(fx, protocol::CloseReason::Revoked);
+            return self.fail_batch(batch);
         }
         self.installed = all;
-        if self.forward_port.is_none() {
-            self.open_forward();
-        }
-        let Some(port) = self.forward_port else {
-            let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
-            return self.apply(fx, protocol::CloseReason::Revoked);
-        };
-        self.tunnel.opened(req);
-        let from = self.requester(req);
-        self.chat_show(&format!("tunnel granted to {from}: support can log in as {}", self.cfg.user));
         let user = self.cfg.user.clone();
-        if let Some(o) = self.out() {
-            protocol::push_tunnel_open(o, req, port, &user);
+        for (req, _) in batch {
+            self.tunnel.opened(&req);
+            let from = self.requester(&req);
+            self.chat_show(&format!("tunnel granted to {from}: support can log in as {user}"));
+            if let Some(o) = self.out() {
+                protocol::push_tunnel_open(o, &req, port, &user);
+            }
         }
         self.send_state();
         self.status_row();
     }
 
-    fn open_forward(&mut self) {
-        let mut cmd = ssh::forward_command(&self.dir.path, &self.cfg.target_host, self.cfg.target_port);
-        match proc::run_with_timeout(&mut cmd, Duration::from_secs(10)) {
-            Ok(f) if f.status.map(|s| s.success()).unwrap_or(false) => {
-                self.forward_port = ssh::parse_forward_port(&f.stdout);
-                match self.forward_port {
-                    Some(p) => self.tell(&format!("reverse tunnel open on relay port {p}")),
-                    None => self.log.line("ssh -O forward printed no port"),
-                }
-            }
-            Ok(f) => self.log.line(&format!("ssh -O forward failed: {}", text::neutralize(&f.stderr, 500))),
-            Err(e) => self.log.line(&format!("cannot run ssh -O forward: {e}")),
+    fn fail_batch(&mut self, batch: Vec<(String, Vec<String>)>) {
+        for (req, _) in batch {
+            let fx = self.tunnel.failed(&req, protocol::RejectReason::Error);
+            self.apply(fx, protocol::CloseReason::Revoked);
         }
     }
 
-    fn close_forward(&mut self) {
-        if let Some(port) = self.forward_port.take() {
-            let mut cmd = ssh::cancel_command(&self.dir.path, &self.cfg.target_host, self.cfg.target_port);
-            match proc::run_with_timeout(&mut cmd, Duration::from_secs(5)) {
-                Ok(f) => match f.status.and_then(|st| ssh::mux_error(st, &f.stderr)) {
-                    Some(e) => self.log.line(&format!("ssh -O cancel of relay port {port} failed: {e}")),
-                    None if f.status.is_none() => self.log.line("ssh -O cancel timed out"),
-                    None => self.log.line(&format!("reverse tunnel on relay port {port} closed")),
-                },
-                Err(e) => self.log.line(&format!("cannot run ssh -O cancel: {e}")),
+    fn fail_awaiting(&mut self) {
+        let batch = std::mem::take(&mut self.awaiting);
+        self.fail_batch(batch);
+    }
+
+    /// What the finished `ssh -O` clients did.
+    fn on_mux(&mut self, outcomes: Vec<mux::Outcome>) {
+        for o in outcomes {
+            match o {
+                mux::Outcome::Opened(port) if self.mux.cancel_ahead() => {
+                    // Revoked while it was opening: the queued cancel closes it; nothing waits for it.
+                    self.log.line(&format!("reverse tunnel on relay port {port} opened after a revoke: closing"));
+                    self.fail_awaiting();
+                }
+                mux::Outcome::Opened(port) => {
+                    self.forward_port = Some(port);
+                    self.tunnel.forward_opened();
+                    self.tell(&format!("reverse tunnel open on relay port {port}"));
+                    // After a reconnect: the tunnels that were open are open again, on the new port.
+                    let user = self.cfg.user.clone();
+                    for req in self.tunnel.open_reqs().to_vec() {
+                        if let Some(o) = self.out() {
+                            protocol::push_tunnel_open(o, &req, port, &user);
+                        }
+                    }
+                    let batch = std::mem::take(&mut self.awaiting);
+                    self.commit_keys(batch);
+                }
+                mux::Outcome::OpenFailed(why) => {
+                    self.log.line(&why);
+                    self.fail_awaiting();
+                    let fx = self.tunnel.forward_failed();
+                    if !fx.is_empty() {
+                        self.tell("the reverse tunnel could not be opened again: support keys removed");
+                    }
+                    self.apply(fx, protocol::CloseReason::Relay);
+                    self.send_state();
+                }
+                mux::Outcome::Cancelled(Some(e)) => self.log.line(&format!("ssh -O cancel failed: {e}")),
+                mux::Outcome::Cancelled(None) => self.log.line("reverse tunnel closed"),
             }
         }
     }
@@ -1014,6 +1063,7 @@ impl Daemon {
     fn shutdown(&mut self) -> End {
         let end = self.end.unwrap_or(End::Fatal);
         signals::arm_watchdog(WATCHDOG_SECS);
+        let deadline = Instant::now() + SHUTDOWN_LIMIT;
         self.log.line(&format!("ending: {end:?}"));
         if self.tunnel.state() == tunnel::State::Active {
             if let Some(o) = self.out() {
@@ -1032,13 +1082,19 @@ impl Daemon {
                 protocol::push_bye(o, b);
             }
         }
-        self.flush_link(Duration::from_secs(2));
-        self.close_forward();
+        // The forward dies with the master: no `-O cancel`, and a mux client still running goes.
+        self.mux.reset();
+        self.flush_link(deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2)));
         if let Some(mut l) = self.link.take() {
+            // BYE is out: the master may go. Closing its stdin ends it; a master that lingers (a
+            // relay that keeps the channel open) gets SIGTERM, then SIGKILL, within the budget.
             drop(l.p.stdin.take());
-            if proc::wait_exit(&mut l.p.child, Duration::from_secs(3)).is_none() {
-                // Ask the master to go through its own socket before resorting to a signal.
-                let _ = proc::run_with_timeout(&mut ssh::exit_command(&self.dir.path), Duration::from_secs(1));
+            let left = || deadline.saturating_duration_since(Instant::now());
+            if proc::wait_exit(&mut l.p.child, left().min(Duration::from_secs(1))).is_none() {
+                if let Some(pid) = rustix::process::Pid::from_raw(l.p.child.id() as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
+                proc::wait_exit(&mut l.p.child, left().min(Duration::from_secs(1)));
             }
             let _ = l.p.child.kill();
             let _ = l.p.child.wait();
@@ -1159,6 +1215,9 @@ impl Daemon {
         if let Some(r) = self.panes_retry_at {
             at(r);
         }
+        if let Some(r) = self.mux.deadline() {
+            at(r);
+        }
         if let Some(r) = self.popup_again_at {
             at(r);
         }
@@ -1178,6 +1237,10 @@ impl Daemon {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        if self.mux.deadline().is_some_and(|d| now >= d) {
+            let out = self.mux.poll(now);
+            self.on_mux(out);
+        }
         if self.panes_retry_at.is_some_and(|r| now >= r) {
             self.panes_retry_at = None;
             self.list_panes();
@@ -1335,6 +1398,8 @@ impl Daemon {
     }
 
     fn reap(&mut self) {
+        let out = self.mux.poll(Instant::now());
+        self.on_mux(out);
         let exited = self.link.as_mut().map(|l| matches!(l.p.child.try_wait(), Ok(Some(_)))).unwrap_or(false);
         if exited {
             // Read what is left first: an ERROR line may be waiting in the pipe.

@@ -407,15 +407,16 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         say("session running in the tmux window 'linbit-tunl'; Ctrl-b Q there ends it");
         wait_exit_file_forever(&dir)
     } else {
-        let _ = tmux_at(&sock).args(["attach-session", "-t", ui::SESSION]).stdin(Stdio::inherit()).status();
-        wait_exit_file(&dir)
+        attach_while_daemon_lives(&sock, &dir)
     };
     let (status, rec) = match ended {
         Some(x) => x,
         None => {
-            // The daemon vanished without its orderly end: make sure no support key outlives it.
+            // The daemon vanished without its orderly end: make sure no support key and no path from
+            // the relay to this host outlives it.
             let sid = cfg.session_id.clone();
             let _ = authkeys::edit(&cfg.authkeys_file, |old| authkeys::remove_blocks(old, Some(&sid)));
+            close_master(&dir);
             end_tmux(&sock);
             say("the session daemon ended without cleaning up; support keys were removed");
             (1, String::new())
@@ -425,6 +426,53 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         end_tmux(&sock);
     }
     finish(&dir, status, true, cfg.debug, Some(&rec))
+}
+
+/// The customer's terminal in the session until the server ends; meanwhile the daemon is watched, so
+/// that a daemon killed outright (SIGKILL, the OOM killer, a watchdog) is noticed within a second and
+/// not only when the customer leaves tmux (F19). None: the daemon died without its `exit` file.
+fn attach_while_daemon_lives(sock: &Path, dir: &SessionDir) -> Option<(u8, String)> {
+    let attach = tmux_at(sock).args(["attach-session", "-t", ui::SESSION]).stdin(Stdio::inherit()).spawn();
+    let Ok(mut attach) = attach else { return wait_exit_file(dir) };
+    let pid = daemon_pid(&dir.path);
+    loop {
+        if matches!(attach.try_wait(), Ok(Some(_)) | Err(_)) {
+            return wait_exit_file(dir);
+        }
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive && !dir.file("exit").exists() {
+            // Give an orderly end that is just writing its exit file a moment, then take over.
+            if let Some(x) = wait_exit_file_for(dir, Duration::from_millis(500)) {
+                kill_server(sock);
+                let _ = attach.wait();
+                return Some(x);
+            }
+            kill_server(sock);
+            let _ = attach.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn kill_server(sock: &Path) {
+    let _ = tmux_at(sock).arg("kill-server").stderr(Stdio::null()).status();
+}
+
+/// Close the ssh master of a daemon that is gone: through its control socket, and by the pid it
+/// recorded, checked to be that master (its command line names this session's directory).
+fn close_master(dir: &SessionDir) {
+    let _ = crate::proc::run_with_timeout(&mut ssh::exit_command(&dir.path), Duration::from_secs(2));
+    let Some(pid) = std::fs::read_to_string(dir.file("ssh.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.path.to_string_lossy());
+    if ours {
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 /// With `--attach` our bindings go into the customer's server; remember theirs for the keys we take,
@@ -466,7 +514,11 @@ fn wait_exit_file_forever(dir: &SessionDir) -> Option<(u8, String)> {
 
 /// The daemon's exit file: status and recording path.
 fn wait_exit_file(dir: &SessionDir) -> Option<(u8, String)> {
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    wait_exit_file_for(dir, EXIT_TIMEOUT)
+}
+
+fn wait_exit_file_for(dir: &SessionDir, limit: Duration) -> Option<(u8, String)> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Ok(s) = std::fs::read_to_string(dir.file("exit")) {
             let mut it = s.lines();

@@ -17,14 +17,25 @@ pub struct Proc {
 
 /// Spawn with all three pipes, our ends non-blocking. `setsid` detaches the child from any
 /// controlling terminal (ssh must not find one to prompt on: its askpass is the only way in).
+///
+/// Every child dies with the process that started it (`PR_SET_PDEATHSIG`, F19): a child in its own
+/// session gets no SIGHUP, and an ssh master that outlived a killed daemon would keep the relay's
+/// path to this host open.
 pub fn spawn(cmd: &mut Command, setsid: bool) -> io::Result<Proc> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: the closure only calls async-signal-safe functions (signal, setsid).
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure only calls async-signal-safe functions (signal, setsid, prctl, getppid,
+    // _exit) and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             crate::signals::reset_in_child();
             if setsid {
                 let _ = rustix::process::setsid();
+            }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The parent may have died before the prctl: then nobody will send the signal.
+            if rustix::process::getppid() != Some(parent) {
+                libc::_exit(1);
             }
             Ok(())
         });
@@ -104,6 +115,8 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+// The daemon's mux clients moved into the loop (mux.rs); what is left reads these fields in tests.
+#[allow(dead_code)]
 pub struct Finished {
     pub status: Option<ExitStatus>,
     pub stdout: Vec<u8>,

@@ -90,6 +90,9 @@ pub struct Tunnel {
     pending: VecDeque<Pending>,
     /// Requests whose keys are installed and announced with `TUNNEL_OPEN`.
     open_reqs: Vec<String>,
+    /// Our block is (or may be) in authorized_keys. Kept apart from the state so that every way out
+    /// of `active` removes it, whatever the state says (F7: keys only while `active`).
+    keys_in: bool,
     /// `--tunnel`: the forward belongs to the whole session, not to one grant.
     tunnel_mode: bool,
 }
@@ -108,6 +111,7 @@ impl Tunnel {
             forward_open: false,
             pending: VecDeque::new(),
             open_reqs: Vec::new(),
+            keys_in: false,
             tunnel_mode: mode == Mode::Tunnel,
         }
     }
@@ -239,15 +243,41 @@ impl Tunnel {
     /// Keys installed and the forward is up: the daemon now sends `TUNNEL_OPEN`.
     pub fn opened(&mut self, req: &str) {
         self.forward_open = true;
+        self.keys_in = true;
         if !self.open_reqs.iter().any(|r| r == req) {
             self.open_reqs.push(req.to_string());
         }
         self.state = State::Active;
     }
 
-    /// Installing failed: the daemon undoes what it did and sends this rejection.
+    /// Installing failed. The daemon installs transactionally (forward first, keys only once it is
+    /// up), so no key of this request is in the file; a forward opened only for it goes again.
     pub fn failed(&mut self, req: &str, reason: RejectReason) -> Vec<Effect> {
-        vec![Effect::Reject { req: req.to_string(), reason }]
+        let mut fx = vec![Effect::Reject { req: req.to_string(), reason }];
+        if self.forward_open && self.open_reqs.is_empty() && !self.tunnel_mode {
+            self.forward_open = false;
+            fx.push(Effect::CancelForward);
+        }
+        fx
+    }
+
+    /// An `OpenForward` failed (the relay refused `tcpip-forward`, or the master went away). An
+    /// active tunnel that cannot be re-opened after a reconnect is closed: its keys must not stay
+    /// in the file for a tunnel that does not exist.
+    pub fn forward_failed(&mut self) -> Vec<Effect> {
+        self.forward_open = false;
+        if !self.keys_in && self.state != State::Active {
+            return Vec::new();
+        }
+        let mut fx = Vec::new();
+        if self.keys_in {
+            fx.push(Effect::RemoveKeys);
+        }
+        fx.push(Effect::Closed(CloseReason::Relay));
+        self.keys_in = false;
+        self.open_reqs.clear();
+        self.state = if self.pregrant { State::Allowed } else { State::Confirm };
+        fx
     }
 
     /// Ctrl-b u: pre-grant or unblock.
@@ -273,10 +303,12 @@ impl Tunnel {
             fx.push(Effect::CancelForward);
             self.forward_open = false;
         }
-        if was_active || !self.open_reqs.is_empty() {
+        // Whatever the state: a block that is in the file goes (F7).
+        if was_active || !self.open_reqs.is_empty() || self.keys_in {
             fx.push(Effect::RemoveKeys);
             fx.push(Effect::Closed(CloseReason::Revoked));
         }
+        self.keys_in = false;
         self.open_reqs.clear();
         self.pregrant = false;
     }
@@ -285,7 +317,7 @@ impl Tunnel {
     /// the customer decided stays: a pre-grant (Ctrl-b u or `--tunnel`) still grants the next request,
     /// and with `--tunnel` the session's forward stays open.
     pub fn relay_revoke(&mut self) -> Vec<Effect> {
-        if self.state != State::Active {
+        if self.state != State::Active && !self.keys_in {
             return Vec::new();
         }
         let mut fx = Vec::new();
@@ -295,9 +327,16 @@ impl Tunnel {
         }
         fx.push(Effect::RemoveKeys);
         fx.push(Effect::Closed(CloseReason::Revoked));
+        self.keys_in = false;
         self.open_reqs.clear();
         self.state = if self.pregrant { State::Allowed } else { State::Confirm };
         fx
+    }
+
+    /// Whether our block may be in the file (for the invariant check: only while `active`).
+    #[cfg(test)]
+    pub fn keys_in(&self) -> bool {
+        self.keys_in
     }
 
     /// Ctrl-b U: back to confirm, closing an active tunnel and clearing a pre-grant.
@@ -309,7 +348,7 @@ impl Tunnel {
                 self.close_all(&mut fx);
                 self.state = State::Confirm;
             }
-            State::Confirm | State::Blocked => {}
+            State::Confirm | State::Blocked => self.close_all(&mut fx),
         }
         Ok(fx)
     }
@@ -605,5 +644,131 @@ mod tests {
         assert_eq!(t.open_reqs(), ["1".to_string()]);
         assert_eq!(t.state(), State::Active);
         assert_eq!(t.failed("9", R::InvalidKey), rej("9", R::InvalidKey));
+    }
+
+    /// F7: whatever the customer, the relay and the daemon's failures do, in any order, our block is
+    /// in the file only while the state is `active`. Every sequence of up to four events is tried;
+    /// the daemon's side is modelled as it works: an `Install` either commits the keys and calls
+    /// `opened`, or fails before writing anything and calls `failed`.
+    #[test]
+    fn keys_are_in_the_file_only_while_active() {
+        #[derive(Clone, Copy, Debug)]
+        enum Ev {
+            Upgrade,
+            Grant,
+            Deny,
+            PreGrant,
+            Revoke,
+            Block,
+            RelayRevoke,
+            LinkLost,
+            Resume,
+            ForwardFailed,
+            Brb,
+            Back,
+        }
+        const ALL: [Ev; 12] = [
+            Ev::Upgrade,
+            Ev::Grant,
+            Ev::Deny,
+            Ev::PreGrant,
+            Ev::Revoke,
+            Ev::Block,
+            Ev::RelayRevoke,
+            Ev::LinkLost,
+            Ev::Resume,
+            Ev::ForwardFailed,
+            Ev::Brb,
+            Ev::Back,
+        ];
+        // Carry out effects as the daemon does; `ok` decides whether installs succeed.
+        fn run(t: &mut Tunnel, file: &mut bool, fx: Vec<Effect>, ok: bool) {
+            for e in fx {
+                match e {
+                    Effect::Install { req, .. } if ok => {
+                        *file = true;
+                        t.opened(&req);
+                    }
+                    Effect::Install { req, .. } => {
+                        let more = t.failed(&req, R::Error);
+                        run(t, file, more, ok);
+                    }
+                    Effect::RemoveKeys => *file = false,
+                    _ => {}
+                }
+            }
+        }
+        fn explore(t: &Tunnel, file: bool, trail: &mut Vec<(Ev, bool)>, n: &mut u32, depth: usize) {
+            assert!(!file || t.state() == State::Active, "keys in the file in state {:?} after {trail:?}", t.state());
+            assert_eq!(file, t.keys_in(), "the machine lost track of the file after {trail:?}");
+            if depth == 0 {
+                return;
+            }
+            for ev in ALL {
+                for ok in [true, false] {
+                    let (mut t, mut file) = (t.clone(), file);
+                    *n += 1;
+                    let req = n.to_string();
+                    let fx = match ev {
+                        Ev::Upgrade => t.upgrade(&req, "e", b"k".to_vec()),
+                        Ev::Grant | Ev::Deny => match t.on_screen() {
+                            Some((r, _)) => t.answer(&r, matches!(ev, Ev::Grant)),
+                            None => continue,
+                        },
+                        Ev::PreGrant => t.grant().unwrap_or_default(),
+                        Ev::Revoke => t.revoke().unwrap_or_default(),
+                        Ev::Block => t.block().unwrap_or_default(),
+                        Ev::RelayRevoke => t.relay_revoke(),
+                        Ev::LinkLost => {
+                            t.link_lost();
+                            Vec::new()
+                        }
+                        Ev::Resume => t.resume(),
+                        Ev::ForwardFailed => t.forward_failed(),
+                        Ev::Brb => {
+                            let _ = t.set_brb(true);
+                            Vec::new()
+                        }
+                        Ev::Back => {
+                            let _ = t.set_brb(false);
+                            Vec::new()
+                        }
+                    };
+                    run(&mut t, &mut file, fx, ok);
+                    trail.push((ev, ok));
+                    explore(&t, file, trail, n, depth - 1);
+                    trail.pop();
+                }
+            }
+        }
+        for mode in [Mode::Share, Mode::Tunnel, Mode::Restricted] {
+            let mut n = 0;
+            explore(&Tunnel::new(mode), false, &mut Vec::new(), &mut n, 4);
+        }
+    }
+
+    #[test]
+    fn a_failed_install_or_reopen_leaves_nothing_behind() {
+        // The forward opened for one grant goes again when installing fails.
+        let mut t = Tunnel::new(Mode::Share);
+        t.upgrade("1", "e", b"k".to_vec());
+        assert_eq!(t.answer("1", true), inst("1"));
+        t.forward_opened();
+        assert_eq!(t.failed("1", R::Error), vec![rej("1", R::Error)[0].clone(), Effect::CancelForward]);
+        assert_eq!(t.state(), State::Confirm);
+        // --tunnel keeps the session's forward.
+        let mut t = Tunnel::new(Mode::Tunnel);
+        t.forward_opened();
+        assert_eq!(t.failed("2", R::Error), rej("2", R::Error));
+        // A tunnel that cannot be re-opened after a reconnect is closed and its keys removed.
+        let mut t = Tunnel::new(Mode::Share);
+        t.grant().unwrap();
+        t.upgrade("3", "e", b"k".to_vec());
+        t.opened("3");
+        t.link_lost();
+        assert_eq!(t.resume(), vec![Effect::OpenForward]);
+        assert_eq!(t.forward_failed(), vec![Effect::RemoveKeys, Effect::Closed(CloseReason::Relay)]);
+        assert_eq!(t.state(), State::Allowed);
+        assert!(t.forward_failed().is_empty());
     }
 }

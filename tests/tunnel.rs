@@ -14,14 +14,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use relay_double::{SupportKey, TargetSshd, line_field, support_login, upgrade_line};
+use relay_double::{SupportKey, TargetSshd, close_line, line_field, support_login, upgrade_line};
 
 const TOKEN: &str = "424242";
 const OK: &str = "TUNNEL-OK";
-
-fn relay() -> Relay {
-    Relay::start(RelayOpts::default()).expect("test relay")
-}
 
 /// Whether support can log in through `port` with `key` and run a command.
 fn login_works(port: u16, key: &SupportKey) -> bool {
@@ -65,8 +61,11 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Bed {
+        Bed::with(tag, RelayOpts::default())
+    }
+    fn with(tag: &str, opts: RelayOpts) -> Bed {
         let scratch = Scratch::new(tag);
-        let relay = relay();
+        let relay = Relay::start(opts).expect("test relay");
         let target = TargetSshd::start(&scratch.path().join("authorized_keys")).expect("target sshd");
         let keydir = scratch.path().join("support");
         std::fs::create_dir_all(&keydir).unwrap();
@@ -618,4 +617,152 @@ fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
     let a2 = answer_to(&mut conn, "q2", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
     assert!(a2.starts_with("TUNNEL_OPEN "), "{a2}");
     assert!(login_works(port_of(&a2), &bed.key));
+}
+
+// ---- issue 9: keys only while active (F7), the loop never waits for ssh -O (F20), the master never
+// outlives the daemon (F19) ----------------------------------------------------------------------------
+
+/// Watches authorized_keys from a thread and remembers whether our block was ever in it.
+struct FileWatch {
+    seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileWatch {
+    fn start(path: &Path) -> FileWatch {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (seen, stop) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicBool::new(false)));
+        let (s2, st2, p) = (seen.clone(), stop.clone(), path.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            while !st2.load(Ordering::SeqCst) {
+                if has_block(&p) {
+                    s2.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        FileWatch { seen, stop, thread: Some(thread) }
+    }
+    fn ever(&self) -> bool {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FileWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_forward_the_relay_refuses_never_puts_keys_in_the_file() {
+    let bed = Bed::with("trefuse", RelayOpts { refuse_forward: true, ..RelayOpts::default() });
+    let watch = FileWatch::start(&bed.authkeys());
+    let (mut fg, mut conn) = bed.foreground("trefuse");
+    for req in ["n1", "n2"] {
+        conn.send(&bed.upgrade(req));
+        let ans = answer_to(&mut conn, req, secs(30)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), fg.diag()));
+        assert!(ans.starts_with("TUNNEL_REJECTED "), "{ans}");
+        assert_eq!(line_field(&ans, "reason"), Some("error"), "{ans}");
+        assert!(!has_block(&bed.authkeys()), "{req}: keys left behind by a failed grant");
+    }
+    assert!(!watch.ever(), "support keys were written although the tunnel never opened");
+    assert!(!conn.lines().iter().any(|l| l.starts_with("STATE") && l.contains("tunnel=active")), "{:?}", conn.lines());
+    assert!(!login_works(bed.target.port, &bed.key));
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.diag());
+    assert!(!watch.ever());
+}
+
+#[test]
+fn relay_close_with_an_active_tunnel_removes_the_keys() {
+    let bed = Bed::new("tclose");
+    let (mut fg, mut conn) = bed.foreground("tclose");
+    let port = open_tunnel(&bed, &fg, &mut conn, "k1");
+    conn.send(&close_line("done"));
+    assert_eq!(fg.wait(secs(15)), Some(0), "{}", fg.diag());
+    assert!(!has_block(&bed.authkeys()));
+    assert!(!login_works(port, &bed.key));
+    assert!(!login_works(bed.target.port, &bed.key));
+}
+
+#[test]
+fn a_hanging_ssh_mux_request_does_not_stop_the_loop() {
+    let bed = Bed::new("thang");
+    let id = unique_id("thang");
+    bed.relay.register(&id, Some(TOKEN));
+    let target = bed.target_arg();
+    let mut fg =
+        Foreground::start(&bed.relay, &id, &["--tunnel", "--token", TOKEN, "--target", &target], &[], &bed.scratch);
+    let mut conn = bed.relay.accept(secs(30)).unwrap_or_else(|| panic!("no session: {}", fg.diag()));
+    // A mux socket that accepts and never answers: `ssh -O forward` hangs as it would on a relay that
+    // never answers `tcpip-forward`. The master keeps its connection (it already has it).
+    let sock = session_dir(&id).join("ssh-ctl.sock");
+    assert!(until(secs(20), || sock.exists()), "no control socket\n{}", fg.diag());
+    std::fs::rename(&sock, sock.with_extension("real")).unwrap();
+    let _silent = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some(), "{:?}", conn.lines());
+    // The forward is being opened (--tunnel): the loop answers a PING at once all the same.
+    let t0 = Instant::now();
+    conn.send("PING 7");
+    assert!(conn.wait_for(secs(20), |l| l == "PONG 7").is_some(), "{:?}", conn.lines());
+    assert!(t0.elapsed() < Duration::from_secs(3), "PONG took {:?}: the loop waited for ssh -O", t0.elapsed());
+    // A request while the forward hangs is not granted on a forward that does not exist.
+    conn.send(&bed.upgrade("h1"));
+    // SIGTERM is answered within the shutdown budget, not after the mux client's deadline.
+    let t0 = Instant::now();
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(20)), Some(143), "{}", fg.diag());
+    assert!(t0.elapsed() < Duration::from_secs(4), "SIGTERM took {:?}", t0.elapsed());
+    assert!(!has_block(&bed.authkeys()));
+    assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
+}
+
+#[test]
+fn a_killed_foreground_client_takes_its_ssh_master_with_it() {
+    let bed = Bed::new("tkillfg");
+    let (mut fg, mut conn) = bed.foreground("tkillfg");
+    let port = open_tunnel(&bed, &fg, &mut conn, "m1");
+    let dir = session_dir(&fg.id).display().to_string();
+    let _ = fg.child.kill();
+    let _ = fg.child.wait();
+    // ssh is in its own session (no SIGHUP) and the relay keeps the channel open: only the
+    // parent-death signal ends it.
+    let left = wait_no_processes(&dir, secs(5));
+    assert!(left.is_empty(), "still running after the client was killed: {left:?}");
+    assert!(until(secs(10), || conn.is_closed()), "the relay still has the connection");
+    let forward_gone = until(secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    assert!(forward_gone, "the reverse forward on relay port {port} still accepts connections");
+}
+
+#[test]
+fn a_killed_daemon_takes_master_and_keys_with_it_and_the_customer_is_told() {
+    let bed = Bed::new("tkill");
+    let target = bed.target_arg();
+    let cust = Customer::start(&bed, "tkill", &["--target", &target]);
+    let mut conn = cust.connected(&bed);
+    cust.keys(&["C-b", "u"]);
+    assert!(state_line(&mut conn, "allowed"), "{:?}\n{}", conn.lines(), cust.diag());
+    conn.send(&bed.upgrade("d1"));
+    let open = answer_to(&mut conn, "d1", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(open.starts_with("TUNNEL_OPEN "), "{open}");
+    let port = port_of(&open);
+    assert!(login_works(port, &bed.key));
+    let dir = session_dir(&cust.id);
+    let pid: i32 = std::fs::read_to_string(dir.join("daemon.pid")).unwrap().trim().parse().unwrap();
+    Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    // Within seconds: the keys are gone, the relay connection and the forward are gone, and the
+    // launcher has ended the session with status 1.
+    assert!(until(secs(10), || !has_block(&bed.authkeys())), "keys still installed after the daemon died");
+    assert!(until(secs(10), || conn.is_closed()), "the relay still has the connection");
+    assert!(!login_works(bed.target.port, &bed.key));
+    assert!(until(secs(15), || cust.exit_status().is_some()), "the launcher did not notice\n{}", cust.diag());
+    assert_eq!(cust.exit_status(), Some(1));
+    let left = wait_no_processes(&dir.join("ssh-ctl.sock").display().to_string(), secs(5));
+    assert!(left.is_empty(), "ssh master outlived the daemon: {left:?}");
 }

@@ -63,6 +63,9 @@ pub struct RelayOpts {
     pub host_cert_other_ca: bool,
     /// No signing endpoint: `api_url()` points at a closed port.
     pub api_down: bool,
+    /// sshd refuses every `tcpip-forward` request (`AllowTcpForwarding no`): a relay that will not
+    /// open the reverse tunnel.
+    pub refuse_forward: bool,
 }
 
 /// A running test relay. Everything it started (sshd, threads, sockets, temp dir, the per-instance
@@ -234,13 +237,14 @@ impl Relay {
             let port = util::free_port()?;
             let cfg = d.join("sshd_config");
             let ki = if opts.ki { "yes" } else { "no" };
+            let fwd = if opts.refuse_forward { "no" } else { "remote" };
             fs::write(
                 &cfg,
                 format!(
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nHostCertificate {hk}-cert.pub\n\
                      TrustedUserCAKeys {ca}.pub\nAuthorizedKeysFile none\nPubkeyAuthentication yes\n\
                      KbdInteractiveAuthentication {ki}\nUsePAM {ki}\nPasswordAuthentication no\n\
-                     PermitRootLogin yes\nStrictModes no\nAllowTcpForwarding remote\nGatewayPorts no\n\
+                     PermitRootLogin yes\nStrictModes no\nAllowTcpForwarding {fwd}\nGatewayPorts no\n\
                      X11Forwarding no\nPermitTTY no\nPrintMotd no\nUseDNS no\nMaxAuthTries 10\n\
                      MaxStartups 100\nLogLevel VERBOSE\nPidFile {dir}/sshd.pid\n\
                      ForceCommand {bin} shim {sock}\n",
