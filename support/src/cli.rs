@@ -126,6 +126,8 @@ pub fn check_text(what: &str, s: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest close reason the relay takes.
+pub const MAX_REASON: usize = 256;
 /// Longest chat line or note we send (the customer's chat pane takes 1024 bytes a line).
 pub const MAX_CHAT: usize = 1024;
 
@@ -249,8 +251,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             ("browser", Long("kill")) => kill = true,
             ("expect", Long("timeout")) => {
                 timeout = number(p.value().map_err(|e| unexpected(c, e))?, "--timeout")?;
-                if timeout == 0 {
-                    return Err("--timeout must be at least 1 second".into());
+                if timeout == 0 || timeout > DEFAULT_EXPECT_TIMEOUT {
+                    return Err(format!("--timeout must be 1 to {DEFAULT_EXPECT_TIMEOUT} seconds"));
                 }
             }
             ("ssh", Value(v)) if ids.len() == 1 => {
@@ -291,7 +293,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             Command::Chat { id, text }
         }
         "note" => Command::Note { id: id()?, text: joined(&rest, "the note")? },
-        "close" => Command::Close { id: id()?, reason: joined(&rest, "the reason")? },
+        "close" => {
+            let id = id()?;
+            let reason = joined(&rest, "the reason")?;
+            check_text("the reason", &reason, MAX_REASON)?;
+            Command::Close { id, reason }
+        }
         "cancel" => Command::Cancel(id()?),
         "expect" => Command::Expect { id: id()?, timeout },
         "detach" => Command::Detach,
@@ -400,7 +407,8 @@ mod tests {
             ("create-session --case", "missing argument"),
             ("browser swift-fox-jumps-barrel --profile ../x", "--profile"),
             ("chat swift-fox-jumps-barrel", "nothing to say"),
-            ("expect swift-fox-jumps-barrel --timeout 0", "at least 1"),
+            ("expect swift-fox-jumps-barrel --timeout 0", "1 to 3600"),
+            ("expect swift-fox-jumps-barrel --timeout 3601", "1 to 3600"),
             ("show swift-fox-jumps-barrel extra", "unexpected argument"),
         ] {
             let e = p(args).unwrap_err();

@@ -55,7 +55,8 @@ fn run(cmd: Command) -> Result<i32, String> {
             let (id, _) = commands::create(&r, &c)?;
             if c.join {
                 println!("\nWaiting for the customer to connect...");
-                commands::expect(&r, &id, u64::from(c.expires_in) * 60)?;
+                // The relay waits an hour at most per request; the session may expire later.
+                commands::expect(&r, &id, (u64::from(c.expires_in) * 60).min(cli::DEFAULT_EXPECT_TIMEOUT))?;
                 return join::run(&r, &id, false);
             }
             Ok(0)

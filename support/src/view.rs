@@ -266,6 +266,14 @@ impl View {
             Ok(ev) => ev,
             Err(m) => return vec![Effect::Log(format!("dropped {} ({})", m.verb, m.reason))],
         };
+        if self.joined.is_none()
+            && let Event::Refused { what, reason } = &ev
+        {
+            return vec![Effect::End {
+                status: 1,
+                message: format!("{}: the relay refused to let us join ({what}: {reason})", self.sid),
+            }];
+        }
         if self.joined.is_none() && !matches!(ev, Event::Joined(_) | Event::Err(_) | Event::Closed { .. }) {
             return vec![Effect::Log("dropped a line before JOINED".into())];
         }
@@ -480,6 +488,12 @@ impl View {
             "refresh" => vec![Effect::Send(b"REFRESH\n".to_vec())],
             "close" => {
                 let reason = text().unwrap_or_default();
+                if reason.len() > crate::cli::MAX_REASON {
+                    return vec![Effect::Message(format!(
+                        "close: the reason is longer than {} bytes",
+                        crate::cli::MAX_REASON
+                    ))];
+                }
                 self.closing = true;
                 vec![
                     Effect::Send(crate::proto::send("CLOSE", &[("reason", &pct_encode(&reason))], None)),
@@ -1005,6 +1019,7 @@ mod tests {
         }
         // A JOINED for another session is refused before joining.
         let mut w = View::new(ID, false);
+        assert!(matches!(w.on_line(b"REFUSED what=JOIN reason=limit", t)[0], Effect::End { status: 1, .. }));
         assert!(matches!(w.on_line(b"JOINED id=a-b-c-d mode=share size=80x24 viewers=0 ro=0", t)[0], Effect::Log(_)));
         assert!(matches!(w.on_line(b"ERR code=unknown-session msg=", t)[0], Effect::End { status: 1, .. }));
     }
