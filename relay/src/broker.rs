@@ -52,6 +52,7 @@ const REFRESH_WAIT: Duration = Duration::from_secs(5);
 /// How long a one-shot `upgrade` waits for the customer's answer.
 const UPGRADE_WAIT: Duration = Duration::from_secs(300);
 const KEYS_AUDIT_EVERY: Duration = Duration::from_secs(10);
+const ALIVE_EVERY: Duration = Duration::from_secs(60);
 const READ_CHUNK: usize = 64 << 10;
 
 /// What the broker writes to the session registry. A narrow interface of the broker's own so the
@@ -63,8 +64,12 @@ pub trait SessionSink {
     fn state(&mut self, state: &str);
     fn viewers(&mut self, names: &[String]);
     fn tunnel_port(&mut self, port: Option<u16>);
-    /// The session ended (closed by support, or the customer ended it).
-    fn ended(&mut self, reason: &str);
+    /// The session ended: `word` is `closed` (by support), `customer` (the customer ended it) or
+    /// `expired`; `why` is for people.
+    fn ended(&mut self, word: &str, why: &str);
+    /// Once a minute: a sign of life while the customer is connected (idle expiry counts from
+    /// it). False when the session has ended elsewhere (`expire`, `cancel`): the broker ends too.
+    fn alive(&mut self, customer_connected: bool) -> bool;
 }
 
 /// A sink that records nothing (for tests that do not look at the registry).
@@ -74,7 +79,10 @@ impl SessionSink for NoSink {
     fn state(&mut self, _: &str) {}
     fn viewers(&mut self, _: &[String]) {}
     fn tunnel_port(&mut self, _: Option<u16>) {}
-    fn ended(&mut self, _: &str) {}
+    fn ended(&mut self, _: &str, _: &str) {}
+    fn alive(&mut self, _: bool) -> bool {
+        true
+    }
 }
 
 pub struct BrokerConfig {
@@ -194,6 +202,7 @@ pub struct Broker {
     ended: Option<Instant>,
     idle_since: Instant,
     keys_audited: Instant,
+    alive_told: Instant,
     viewer_names: Vec<String>,
 }
 
@@ -202,13 +211,16 @@ impl Broker {
     /// sockets, opens the audit log.
     pub fn bind(cfg: BrokerConfig, sink: Box<dyn SessionSink>) -> io::Result<Broker> {
         std::fs::create_dir_all(&cfg.run_dir)?;
-        let lock = std::fs::OpenOptions::new()
+        let mut lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(cfg.run_dir.join("broker.lock"))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| io::Error::new(io::ErrorKind::AddrInUse, "another broker serves this session"))?;
+        // The holder's pid, for operators (and tests) who must find the broker.
+        lock.set_len(0)?;
+        std::io::Write::write_all(&mut lock, format!("{}\n", std::process::id()).as_bytes())?;
         let bind = |path: PathBuf, mode: u32, gid: Option<u32>| -> io::Result<UnixListener> {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -232,6 +244,7 @@ impl Broker {
             std::fs::set_permissions(&cfg.run_dir, std::fs::Permissions::from_mode(0o750))?;
         }
         let audit = Audit::open(&cfg.audit)?;
+        give_group(&cfg.audit, cfg.support_gid);
         let now = Instant::now();
         Ok(Broker {
             mode: if cfg.restricted_only { Mode::Restricted } else { Mode::Share },
@@ -259,6 +272,7 @@ impl Broker {
             ended: None,
             idle_since: now,
             keys_audited: now,
+            alive_told: now,
             viewer_names: Vec::new(),
         })
     }
@@ -369,6 +383,15 @@ impl Broker {
         }
         if now.duration_since(self.keys_audited) > KEYS_AUDIT_EVERY {
             self.audit_keys();
+        }
+        if now.duration_since(self.alive_told) > ALIVE_EVERY && self.ended.is_none() {
+            self.alive_told = now;
+            if !self.sink.alive(self.customer.is_some()) {
+                if let Some(c) = self.customer {
+                    self.send(c, line("CLOSE reason=the%20session%20has%20ended".into()));
+                }
+                self.end_session("expired", "the session ended in the registry");
+            }
         }
     }
 
@@ -532,7 +555,10 @@ impl Broker {
         self.size = (h.cols, h.rows);
         if self.recording.is_none() {
             match Recording::open(&self.cfg.recording, h.cols, h.rows, &self.cfg.sid) {
-                Ok(r) => self.recording = Some(r),
+                Ok(r) => {
+                    give_group(&self.cfg.recording, self.cfg.support_gid);
+                    self.recording = Some(r)
+                }
                 Err(e) => log(&format!("recording {}: {e}", self.cfg.recording.display())),
             }
         } else if let Some(r) = &mut self.recording {
@@ -622,7 +648,7 @@ impl Broker {
             CustomerMsg::Pong(_) => {}
             CustomerMsg::Bye { reason } => {
                 self.audit("bye", json!({"reason": reason}));
-                self.end_session(&format!("customer ended the session ({reason})"));
+                self.end_session("customer", &format!("customer ended the session ({reason})"));
             }
         }
     }
@@ -658,6 +684,19 @@ impl Broker {
         let Some(p) = self.peers.get_mut(&id) else { return };
         let name = p.name().to_string();
         match o {
+            Opening::Who => {
+                let mut lines = Vec::new();
+                for q in self.peers.values() {
+                    if let (Role::Viewer(v), None) = (&q.role, q.closing) {
+                        lines.push(line(format!("VIEWER name={} ro={}", wire::pct_encode(&v.name), u8::from(v.ro))));
+                    }
+                }
+                lines.push(line("OK".into()));
+                for l in lines {
+                    self.send(id, l);
+                }
+                self.close_peer(id);
+            }
             Opening::Command => {
                 p.role = Role::Command { name, done: false, waiting: false };
                 p.since = Instant::now();
@@ -692,8 +731,9 @@ impl Broker {
                         &self.cfg.case
                     }),
                     wire::pct_encode(&self.cfg.customer),
-                    self.size.0,
-                    self.size.1,
+                    // The join stream's size is at least 1x1 (`size=0x0` is a client without tmux).
+                    self.size.0.max(1),
+                    self.size.1.max(1),
                     self.viewer_names.len() + 1,
                     u8::from(ro),
                     wire::pct_encode(&name),
@@ -843,7 +883,7 @@ impl Broker {
                     self.send(c, line(format!("CLOSE reason={}", wire::pct_encode(&reason))));
                 }
                 self.command_ok(id);
-                self.end_session(&format!("closed by {name}: {reason}"));
+                self.end_session("closed", &format!("closed by {name}: {reason}"));
             }
             ViewerMsg::Refresh => self.ask_refresh(),
             ViewerMsg::Ping(n) => self.send(id, line(format!("PONG {n}"))),
@@ -888,13 +928,13 @@ impl Broker {
         self.sink.viewers(&v);
     }
 
-    fn end_session(&mut self, why: &str) {
+    fn end_session(&mut self, word: &str, why: &str) {
         if self.ended.is_some() {
             return;
         }
         log(&format!("session {} ended: {}", self.cfg.sid, wire::neutralize(why)));
         self.ended = Some(Instant::now());
-        self.sink.ended(why);
+        self.sink.ended(word, why);
         self.audit("end", json!({"reason": why}));
         self.broadcast(line(format!("CLOSED reason={}", wire::pct_encode(why))));
         let ids: Vec<u64> = self.peers.keys().copied().collect();
@@ -1021,6 +1061,16 @@ impl Broker {
         for id in dead.into_iter().chain(done) {
             self.remove_peer(id, "done");
         }
+    }
+}
+
+/// Engineers read a session's audit log and recording through `tunl-relay support`, which runs
+/// as their own account (group of the support accounts).
+fn give_group(path: &Path, gid: Option<u32>) {
+    if let Some(g) = gid
+        && let Err(e) = rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(g)))
+    {
+        log(&format!("{}: {e}", path.display()));
     }
 }
 

@@ -18,12 +18,14 @@ pub enum ViewerMsg {
     Bye,
 }
 
-/// What a connection on `support.sock` is: a viewer joining (`HELLO role=join ro=0|1`) or a
-/// one-shot command (`HELLO role=command`: one engineer line, answered `OK`/`ERR`).
+/// What a connection on `support.sock` is: a viewer joining (`HELLO role=join ro=0|1`), a
+/// one-shot command (`HELLO role=command`: one engineer line, answered `OK`/`ERR`), or a question
+/// for `show` (`HELLO role=who`: `VIEWER name=PCT ro=0|1` per viewer, then `OK`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Opening {
     Join { ro: bool },
     Command,
+    Who,
 }
 
 const MAX_CHAT: usize = 4096;
@@ -93,6 +95,7 @@ pub fn parse_opening(line: &[u8]) -> Result<Opening, wire::Malformed> {
         (Some("join"), Some("0")) => Ok(Opening::Join { ro: false }),
         (Some("join"), Some("1")) => Ok(Opening::Join { ro: true }),
         (Some("command"), _) => Ok(Opening::Command),
+        (Some("who"), _) => Ok(Opening::Who),
         _ => bad("bad role"),
     }
 }
@@ -122,6 +125,7 @@ mod tests {
         assert_eq!(parse_opening(b"HELLO role=join ro=1").unwrap(), Opening::Join { ro: true });
         assert_eq!(parse_opening(b"HELLO role=join ro=0").unwrap(), Opening::Join { ro: false });
         assert_eq!(parse_opening(b"HELLO role=command").unwrap(), Opening::Command);
+        assert_eq!(parse_opening(b"HELLO role=who").unwrap(), Opening::Who);
     }
 
     #[test]

@@ -3,14 +3,19 @@
 
 pub mod audit;
 pub mod broker;
+pub mod broker_main;
 pub mod from_customer;
 pub mod from_viewer;
 pub mod hello;
 pub mod identity;
 pub mod layout;
 pub mod outq;
+pub mod produce;
 pub mod recording;
 pub mod registry;
+pub mod splice;
+pub mod support;
+pub mod support_cmd;
 
 /// Unix seconds now (the registry takes times from its callers).
 pub fn now() -> i64 {

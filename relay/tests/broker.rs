@@ -41,8 +41,11 @@ impl SessionSink for Sink {
     fn tunnel_port(&mut self, port: Option<u16>) {
         self.0.lock().unwrap().push(format!("port {port:?}"));
     }
-    fn ended(&mut self, reason: &str) {
-        self.0.lock().unwrap().push(format!("ended {reason}"));
+    fn ended(&mut self, word: &str, _why: &str) {
+        self.0.lock().unwrap().push(format!("ended {word}"));
+    }
+    fn alive(&mut self, _: bool) -> bool {
+        true
     }
 }
 
