@@ -344,6 +344,7 @@ pub fn rejected_words(reason: &str) -> String {
         "invalid-key" => "the customer's side refused the key (plain ssh public keys only)".into(),
         "error" => "the customer's side could not show the request".into(),
         "timeout" => "the customer did not answer in time".into(),
+        "offline" => "the customer is not connected right now".into(),
         r => format!("the tunnel was refused ({r})"),
     }
 }
