@@ -371,12 +371,15 @@ pub fn run(relay: &Relay, sid: &str, read_only: bool) -> Result<i32, String> {
             asked_at = None;
         }
     }
-    let _ = child.wait();
+    let attach_ok = child.wait().is_ok_and(|s| s.success());
     if let Some(s) = &saved {
         s.restore();
     }
-    // tmux puts the terminal back itself; this is for a tmux client that was killed.
-    let _ = crate::term::write_all(rustix::stdio::stdout(), b"\x1b[?1049l\x1b[?25h\x1b[0m\x1b[r");
+    // tmux puts the screen back itself; a tmux client that was killed did not: the main screen, the
+    // cursor shown, no attributes, no scroll region, and the cursor on the last row.
+    if !attach_ok {
+        let _ = crate::term::write_all(rustix::stdio::stdout(), b"\x1b[?1049l\x1b[?25h\x1b[0m\x1b[r\x1b[999;1H\r\n");
+    }
 
     // Attach returned without the view ending (Ctrl-b D, another client): that is a detach.
     let mut exit = std::fs::read_to_string(dir.join("exit")).ok();
