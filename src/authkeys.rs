@@ -14,8 +14,9 @@
 //!   creates a missing file (and `~/.ssh`, 0700) owned like the directory that will contain it.
 
 use std::io::Write;
-use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{self as rfs, Mode as FMode, OFlags};
 
@@ -147,15 +148,165 @@ fn lines(content: &[u8]) -> Vec<&[u8]> {
     content.split_inclusive(|&b| b == b'\n').collect()
 }
 
-fn marker<'a>(line: &'a [u8], prefix: &str) -> Option<&'a str> {
+/// A line without its `\n` and a `\r` before it (a CRLF editor touched the file).
+fn bare(line: &[u8]) -> &[u8] {
     let l = line.strip_suffix(b"\n").unwrap_or(line);
-    let l = l.strip_suffix(b"\r").unwrap_or(l);
-    let id = std::str::from_utf8(l.strip_prefix(prefix.as_bytes())?).ok()?;
+    l.strip_suffix(b"\r").unwrap_or(l)
+}
+
+fn marker<'a>(line: &'a [u8], prefix: &str) -> Option<&'a str> {
+    let id = std::str::from_utf8(bare(line).strip_prefix(prefix.as_bytes())?).ok()?;
     valid_id(id).then_some(id)
 }
 
+fn is_marker(line: &[u8]) -> bool {
+    marker(line, BEGIN).is_some() || marker(line, END).is_some()
+}
+
+// ---- the options in front of support's keys (F9) ------------------------------------------------
+
+const FROM_LOOPBACK: &str = "from=\"127.0.0.1,::1\"";
+/// How long an installed key works without being renewed: what is left after a crash that nothing
+/// cleaned up (power loss, SIGKILL of daemon and launcher).
+pub const KEY_LIFETIME: Duration = Duration::from_secs(3600);
+/// The daemon renews the expiry this often while the keys are installed.
+pub const KEY_RENEW: Duration = Duration::from_secs(15 * 60);
+
+/// How `expiry-time` can be written for the target sshd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Expiry {
+    /// Not understood (OpenSSH < 8.2 refuses the whole line, other servers are unknown): none.
+    #[default]
+    None,
+    /// OpenSSH 8.2 - 9.0 read it in the system time zone.
+    Local,
+    /// OpenSSH >= 9.1 take a `Z` suffix for UTC.
+    Utc,
+}
+
+/// The options we put in front of support's keys, decided once per session from the target sshd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyOptions {
+    /// `from="127.0.0.1,::1"`: the target is this host, so the key works only through the tunnel,
+    /// never over the LAN, a VPN or a public address.
+    pub from_loopback: bool,
+    pub expiry: Expiry,
+}
+
+impl KeyOptions {
+    /// From the target's identification string (`SSH-2.0-OpenSSH_9.2p1 Debian-2`), if it answered.
+    /// Only OpenSSH is known to take both options; for anything else the keys go in bare rather
+    /// than be refused by a server that rejects lines with unknown options.
+    pub fn for_target(banner: Option<&str>, target_is_loopback: bool) -> KeyOptions {
+        let Some(v) = banner.and_then(openssh_version) else { return KeyOptions::default() };
+        let expiry = if v >= (9, 1) {
+            Expiry::Utc
+        } else if v >= (8, 2) {
+            Expiry::Local
+        } else {
+            Expiry::None
+        };
+        KeyOptions { from_loopback: target_is_loopback, expiry }
+    }
+
+    /// The authorized_keys line for `key` (from `validate_keys`), valid until `until` (Unix seconds).
+    pub fn line(&self, key: &str, until: u64) -> String {
+        let mut opts: Vec<String> = Vec::new();
+        if self.from_loopback {
+            opts.push(FROM_LOOPBACK.to_string());
+        }
+        match self.expiry {
+            Expiry::None => {}
+            Expiry::Utc => opts.push(format!("expiry-time=\"{}Z\"", stamp(crate::sessiondir::civil(until)))),
+            Expiry::Local => opts.push(format!("expiry-time=\"{}\"", stamp(local_fields(until)))),
+        }
+        if opts.is_empty() { key.to_string() } else { format!("{} {key}", opts.join(",")) }
+    }
+}
+
+fn stamp((y, mo, d, h, mi, s): (i64, u32, u32, u32, u32, u32)) -> String {
+    format!("{y:04}{mo:02}{d:02}{h:02}{mi:02}{s:02}")
+}
+
+/// Calendar fields of `t` in this process's time zone, which is the system's for sshd too.
+fn local_fields(t: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let tt = t as libc::time_t;
+    // SAFETY: `tm` is plain data; localtime_r writes only into it and returns it or NULL.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&tt, &mut tm).is_null() };
+    if !ok {
+        return crate::sessiondir::civil(t);
+    }
+    let f = |v: libc::c_int| v.max(0) as u32;
+    (tm.tm_year as i64 + 1900, f(tm.tm_mon) + 1, f(tm.tm_mday), f(tm.tm_hour), f(tm.tm_min), f(tm.tm_sec))
+}
+
+/// `SSH-2.0-OpenSSH_8.2p1 Ubuntu-4ubuntu0.5` -> (8, 2); `None` for any other software.
+pub fn openssh_version(banner: &str) -> Option<(u32, u32)> {
+    let soft = banner.trim_end().strip_prefix("SSH-2.0-").or_else(|| banner.strip_prefix("SSH-1.99-"))?;
+    let v = soft.split(' ').next()?.strip_prefix("OpenSSH_")?;
+    let v = v.strip_prefix("for_Windows_").unwrap_or(v);
+    let mut it = v.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Whether a connection to `host` comes from a loopback address (what `from=` then allows).
+pub fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+}
+
+/// The key part of a line we could have written, `[OUR_OPTIONS ]KEY`, or `None`. Our options are
+/// exactly `from="127.0.0.1,::1"` and `expiry-time="DIGITS[Z]"`; a line with any other option is
+/// never ours.
+fn our_key_part(line: &str) -> Option<&str> {
+    let mut rest = line;
+    let (mut from, mut exp) = (false, false);
+    loop {
+        if let Some(r) = rest.strip_prefix(FROM_LOOPBACK).filter(|_| !from) {
+            from = true;
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("expiry-time=\"").filter(|_| !exp) {
+            let end = r.find('"')?;
+            let spec = r[..end].strip_suffix('Z').unwrap_or(&r[..end]);
+            if !matches!(spec.len(), 8 | 12 | 14) || !spec.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            exp = true;
+            rest = &r[end + 1..];
+        } else if from || exp {
+            return None;
+        } else {
+            break;
+        }
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+        } else {
+            let key = rest.strip_prefix(' ')?;
+            return is_key_line(key).then_some(key);
+        }
+    }
+    is_key_line(line).then_some(line)
+}
+
+/// A plain key line exactly as `validate_keys` writes it.
+fn is_key_line(s: &str) -> bool {
+    check_key(s).is_ok_and(|k| k == s)
+}
+
+/// Whether `line` is one of `keys` the way we write it (with or without our options).
+fn carries_one_of(line: &[u8], keys: &[String]) -> bool {
+    std::str::from_utf8(bare(line)).ok().and_then(our_key_part).is_some_and(|k| keys.iter().any(|x| x == k))
+}
+
+// ---- editing the content (pure) ------------------------------------------------------------------
+
 /// Remove our complete blocks: those of `session_id`, or every one of ours when `None` (stale sweep).
-/// Every other byte is kept exactly.
+/// A block is a begin marker and the end marker of its ID with no other marker between them, so a
+/// begin whose end was lost never pairs with a later block of a re-used ID across the customer's
+/// lines. Inside a block only the markers and key lines are ours; anything else stays.
 pub fn remove_blocks(content: &[u8], session_id: Option<&str>) -> Vec<u8> {
     let ls = lines(content);
     let mut out: Vec<u8> = Vec::with_capacity(content.len());
@@ -163,9 +314,16 @@ pub fn remove_blocks(content: &[u8], session_id: Option<&str>) -> Vec<u8> {
     while i < ls.len() {
         let begin = marker(ls[i], BEGIN).filter(|id| session_id.is_none_or(|s| s == *id));
         if let Some(id) = begin {
-            if let Some(j) = (i + 1..ls.len()).find(|&j| marker(ls[j], END) == Some(id)) {
+            let next = (i + 1..ls.len()).find(|&j| is_marker(ls[j]));
+            if let Some(j) = next.filter(|&j| marker(ls[j], END) == Some(id)) {
+                for l in &ls[i + 1..j] {
+                    if std::str::from_utf8(bare(l)).ok().is_none_or(|s| our_key_part(s).is_none()) {
+                        out.extend_from_slice(l);
+                    }
+                }
                 if !ls[j].ends_with(b"\n") && i > 0 && out.ends_with(b"\n") {
-                    // The block ended the file without a newline: the `\n` before it was ours.
+                    // A block from an older version ended the file without a newline: the `\n`
+                    // before it was ours.
                     out.pop();
                 }
                 i = j + 1;
@@ -178,7 +336,31 @@ pub fn remove_blocks(content: &[u8], session_id: Option<&str>) -> Vec<u8> {
     out
 }
 
-/// Append our block with `keys` (lines from `validate_keys`).
+/// Everything of session `session_id`: its blocks, its marker lines wherever they are (a block
+/// someone damaged), and every line that carries one of `keys` the way we write them.
+pub fn remove_session(content: &[u8], session_id: &str, keys: &[String]) -> Vec<u8> {
+    let rest = remove_blocks(content, Some(session_id));
+    let mut out = Vec::with_capacity(rest.len());
+    for l in lines(&rest) {
+        let ours = marker(l, BEGIN) == Some(session_id) || marker(l, END) == Some(session_id);
+        if !ours && !carries_one_of(l, keys) {
+            out.extend_from_slice(l);
+        }
+    }
+    out
+}
+
+/// The lines of `content` that still carry one of `keys` (what a removal must leave none of).
+pub fn lines_left(content: &[u8], keys: &[String]) -> Vec<String> {
+    lines(content)
+        .into_iter()
+        .filter(|l| carries_one_of(l, keys))
+        .map(|l| String::from_utf8_lossy(bare(l)).into_owned())
+        .collect()
+}
+
+/// Append our block with `lines` (from `KeyOptions::line`). The end marker always ends its line,
+/// so a later `echo KEY >> authorized_keys` starts a line of its own.
 pub fn add_block(content: &[u8], session_id: &str, keys: &[String]) -> Result<Vec<u8>, String> {
     if !valid_id(session_id) {
         return Err("invalid session id".into());
@@ -187,8 +369,7 @@ pub fn add_block(content: &[u8], session_id: &str, keys: &[String]) -> Result<Ve
         return Err("invalid key lines".into());
     }
     let mut out = content.to_vec();
-    let no_final_newline = !content.is_empty() && !content.ends_with(b"\n");
-    if no_final_newline {
+    if !content.is_empty() && !content.ends_with(b"\n") {
         out.push(b'\n');
     }
     out.extend_from_slice(format!("{BEGIN}{session_id}\n").as_bytes());
@@ -196,10 +377,7 @@ pub fn add_block(content: &[u8], session_id: &str, keys: &[String]) -> Result<Ve
         out.extend_from_slice(k.as_bytes());
         out.push(b'\n');
     }
-    out.extend_from_slice(format!("{END}{session_id}").as_bytes());
-    if !no_final_newline {
-        out.push(b'\n');
-    }
+    out.extend_from_slice(format!("{END}{session_id}\n").as_bytes());
     Ok(out)
 }
 
@@ -209,17 +387,64 @@ fn random_suffix() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Owner of the nearest existing ancestor directory of `path`.
-fn ancestor_owner(path: &Path) -> Result<(u32, u32), String> {
-    let mut p = path.parent();
-    while let Some(d) = p {
-        let d = if d.as_os_str().is_empty() { Path::new(".") } else { d };
-        if let Ok(st) = rfs::stat(d) {
-            return Ok((st.st_uid, st.st_gid));
-        }
-        p = d.parent();
+// ---- the file (I/O) ------------------------------------------------------------------------------
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+/// How long we wait for another linbit-tunl that edits the same file.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How often we start over when a writer that does not lock changed the file under us.
+const ATTEMPTS: usize = 5;
+
+fn symlink_error(shown: &Path) -> String {
+    format!("{}: is a symbolic link, refusing to follow it as root", shown.display())
+}
+
+/// Open the directory that holds `path`, one component at a time and never following a symbolic
+/// link (F10): a user who owns a directory on the way (`~/.ssh`) cannot point root elsewhere, and
+/// every later step works relative to this descriptor, so swapping a link in afterwards changes
+/// nothing. `None` when the directory does not exist; with `create`, a missing last directory is
+/// made (0700, owned like the directory it is in, as `~/.ssh` would be).
+fn open_parent(path: &Path, create: bool) -> Result<Option<OwnedFd>, String> {
+    if !path.is_absolute() {
+        return Err(format!("{}: not an absolute path", path.display()));
     }
-    Err("no existing parent directory".into())
+    let parent = path.parent().ok_or_else(|| format!("{}: not a file name", path.display()))?;
+    let names: Vec<&std::ffi::OsStr> = parent
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Ok(n)),
+            Component::ParentDir => Some(Err(())),
+            _ => None,
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{}: '..' in the path", path.display()))?;
+    let mut fd = rfs::open("/", DIR_FLAGS, FMode::empty()).map_err(|e| format!("/: {e}"))?;
+    let mut sofar = PathBuf::from("/");
+    for (i, name) in names.iter().enumerate() {
+        sofar.push(name);
+        match rfs::openat(&fd, *name, DIR_FLAGS, FMode::empty()) {
+            Ok(next) => fd = next,
+            Err(rustix::io::Errno::LOOP) => return Err(symlink_error(&sofar)),
+            Err(rustix::io::Errno::NOTDIR) => {
+                let link = rfs::statat(&fd, *name, rfs::AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| st.st_mode & 0o170000 == 0o120000);
+                return Err(if link { symlink_error(&sofar) } else { format!("{}: not a directory", sofar.display()) });
+            }
+            Err(rustix::io::Errno::NOENT) if create && i + 1 == names.len() => {
+                let st = rfs::fstat(&fd).map_err(|e| format!("{}: {e}", sofar.display()))?;
+                rfs::mkdirat(&fd, *name, FMode::from_raw_mode(0o700))
+                    .map_err(|e| format!("{}: {e}", sofar.display()))?;
+                let d = rfs::openat(&fd, *name, DIR_FLAGS, FMode::empty())
+                    .map_err(|e| format!("{}: {e}", sofar.display()))?;
+                chown_fd(&d, st.st_uid, st.st_gid)?;
+                rfs::fchmod(&d, FMode::from_raw_mode(0o700)).map_err(|e| format!("{}: {e}", sofar.display()))?;
+                fd = d;
+            }
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", sofar.display())),
+        }
+    }
+    Ok(Some(fd))
 }
 
 fn chown_fd(fd: impl AsFd, uid: u32, gid: u32) -> Result<(), String> {
@@ -231,17 +456,41 @@ fn chown_fd(fd: impl AsFd, uid: u32, gid: u32) -> Result<(), String> {
         .map_err(|e| format!("fchown: {e}"))
 }
 
-/// Atomically rewrite the authorized_keys file at `path` with `f(old content)`.
-/// Returns whether the file changed.
-pub fn edit(path: &Path, f: impl FnOnce(&[u8]) -> Vec<u8>) -> Result<bool, String> {
-    let show = path.display();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => ".".into(),
-    };
-    let name = path.file_name().ok_or_else(|| format!("{show}: not a file name"))?.to_string_lossy().into_owned();
-    // (content, uid, gid, mode) of the existing file, opened without following a symlink.
-    let existing = match rfs::open(path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, FMode::empty()) {
+/// What identifies one version of the file: a rename or a write in place changes it.
+#[derive(Clone, PartialEq, Eq)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, u64),
+    ctime: (i64, u64),
+}
+
+fn version(st: &rfs::Stat) -> Version {
+    Version {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size,
+        mtime: (st.st_mtime, st.st_mtime_nsec as _),
+        ctime: (st.st_ctime, st.st_ctime_nsec as _),
+    }
+}
+
+/// One version of the file as we read it.
+struct Existing {
+    data: Vec<u8>,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    version: Version,
+}
+
+/// The file `name` in `dir`; `None` if it does not exist.
+fn read_at(dir: &OwnedFd, name: &str, shown: &Path) -> Result<Option<Existing>, String> {
+    let show = shown.display();
+    // NONBLOCK: a fifo planted at the name must not hang us; it is refused below.
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    match rfs::openat(dir, name, flags, FMode::empty()) {
         Ok(fd) => {
             let st = rfs::fstat(&fd).map_err(|e| format!("{show}: {e}"))?;
             if st.st_mode & 0o170000 != 0o100000 {
@@ -249,63 +498,309 @@ pub fn edit(path: &Path, f: impl FnOnce(&[u8]) -> Vec<u8>) -> Result<bool, Strin
             }
             let mut data = Vec::new();
             std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut data).map_err(|e| format!("{show}: {e}"))?;
-            Some((data, st.st_uid, st.st_gid, st.st_mode & 0o7777))
+            Ok(Some(Existing {
+                data,
+                uid: st.st_uid,
+                gid: st.st_gid,
+                mode: st.st_mode & 0o7777,
+                version: version(&st),
+            }))
         }
-        Err(rustix::io::Errno::LOOP) => return Err(format!("{show}: is a symbolic link, refusing to edit")),
-        Err(rustix::io::Errno::NOENT) => None,
-        Err(e) => return Err(format!("{show}: {e}")),
-    };
-    if let Ok(st) = rfs::lstat(path)
-        && st.st_mode & 0o170000 == 0o120000
-    {
-        return Err(format!("{show}: is a symbolic link, refusing to edit"));
+        Err(rustix::io::Errno::LOOP) => Err(symlink_error(shown)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(format!("{show}: {e}")),
     }
-    let old: &[u8] = existing.as_ref().map_or(&[], |e| &e.0);
-    let new = f(old);
-    if new == old {
-        return Ok(false);
-    }
-    let (uid, gid, mode) = match &existing {
-        Some((_, u, g, m)) => (*u, *g, *m),
-        None => {
-            let (u, g) = ancestor_owner(path)?;
-            if rfs::stat(&dir).is_err() {
-                rfs::mkdir(&dir, FMode::from_raw_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let d = rfs::open(
-                    &dir,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    FMode::empty(),
-                )
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-                chown_fd(&d, u, g)?;
-                rfs::fchmod(&d, FMode::from_raw_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
+}
+
+fn version_at(dir: &OwnedFd, name: &str) -> Option<Version> {
+    rfs::statat(dir, name, rfs::AtFlags::SYMLINK_NOFOLLOW).ok().map(|st| version(&st))
+}
+
+/// Our writers take turns (F11): an exclusive `flock` on the directory, which outlives every
+/// rename of the file inside it. Bounded, so a user holding a lock on their own `~/.ssh` cannot
+/// stall us.
+fn lock_dir(dir: &OwnedFd, shown: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match rfs::flock(dir, rfs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
             }
-            (u, g, 0o600)
+            Err(e) => return Err(format!("cannot lock the directory of {}: {e}", shown.display())),
         }
+    }
+}
+
+fn file_name(path: &Path) -> Result<String, String> {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| format!("{}: not a file name", path.display()))
+}
+
+/// The content of the authorized_keys file at `path` (empty if it does not exist), read with the
+/// same care as `edit`.
+pub fn read(path: &Path) -> Result<Vec<u8>, String> {
+    let name = file_name(path)?;
+    let Some(dir) = open_parent(path, false)? else { return Ok(Vec::new()) };
+    Ok(read_at(&dir, &name, path)?.map(|r| r.data).unwrap_or_default())
+}
+
+/// Atomically rewrite the authorized_keys file at `path` with `f(old content)`; returns whether the
+/// file changed. Owner, group and mode are kept; a missing file is created 0600, owned like its
+/// directory. If a writer that does not take our lock replaces the file while we work, `f` runs
+/// again on its version, so their change is kept.
+pub fn edit(path: &Path, mut f: impl FnMut(&[u8]) -> Vec<u8>) -> Result<bool, String> {
+    let show = path.display();
+    let name = file_name(path)?;
+    let dir = match open_parent(path, false)? {
+        Some(d) => d,
+        // No directory: there is nothing to remove, and something to add needs it made.
+        None if f(&[]).is_empty() => return Ok(false),
+        None => open_parent(path, true)?.ok_or_else(|| format!("{show}: cannot create its directory"))?,
     };
-    let tmp = dir.join(format!(".{name}.linbit-tunl.{}", random_suffix()));
-    let fd = rfs::open(
-        &tmp,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        FMode::from_raw_mode(0o600),
-    )
-    .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let result = (|| {
-        let mut file = std::fs::File::from(fd);
-        file.write_all(&new).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        chown_fd(&file, uid, gid)?;
-        rfs::fchmod(&file, FMode::from_raw_mode(mode)).map_err(|e| format!("fchmod: {e}"))?;
-        file.sync_all().map_err(|e| format!("fsync: {e}"))?;
-        rfs::rename(&tmp, path).map_err(|e| format!("rename to {show}: {e}"))
-    })();
-    if let Err(e) = result {
-        let _ = rfs::unlink(&tmp);
-        return Err(e);
+    lock_dir(&dir, path)?;
+    for _ in 0..ATTEMPTS {
+        let existing = read_at(&dir, &name, path)?;
+        let old: &[u8] = existing.as_ref().map_or(&[], |e| &e.data);
+        let new = f(old);
+        if new == old {
+            return Ok(false);
+        }
+        let (uid, gid, mode) = match &existing {
+            Some(e) => (e.uid, e.gid, e.mode),
+            None => {
+                let st = rfs::fstat(&dir).map_err(|e| format!("{show}: {e}"))?;
+                (st.st_uid, st.st_gid, 0o600)
+            }
+        };
+        let tmp = format!(".{name}.linbit-tunl.{}", random_suffix());
+        let fd = rfs::openat(
+            &dir,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            FMode::from_raw_mode(0o600),
+        )
+        .map_err(|e| format!("{show}: cannot create a temporary file beside it: {e}"))?;
+        let result = (|| {
+            let mut file = std::fs::File::from(fd);
+            file.write_all(&new).map_err(|e| format!("{show}: cannot write the new version: {e}"))?;
+            chown_fd(&file, uid, gid)?;
+            rfs::fchmod(&file, FMode::from_raw_mode(mode)).map_err(|e| format!("fchmod: {e}"))?;
+            file.sync_all().map_err(|e| format!("fsync: {e}"))?;
+            // Someone who does not take our lock changed the file since we read it: start over.
+            if version_at(&dir, &name) != existing.as_ref().map(|e| e.version.clone()) {
+                return Ok(false);
+            }
+            rfs::renameat(&dir, tmp.as_str(), &dir, name.as_str()).map_err(|e| format!("rename to {show}: {e}"))?;
+            Ok(true)
+        })();
+        match result {
+            Ok(true) => {
+                let _ = rfs::fsync(&dir);
+                return Ok(true);
+            }
+            Ok(false) => {
+                let _ = rfs::unlinkat(&dir, tmp.as_str(), rfs::AtFlags::empty());
+            }
+            Err(e) => {
+                let _ = rfs::unlinkat(&dir, tmp.as_str(), rfs::AtFlags::empty());
+                return Err(e);
+            }
+        }
     }
-    if let Ok(d) = rfs::open(&dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, FMode::empty()) {
-        let _ = rfs::fsync(&d);
+    Err(format!("{show}: it keeps changing while we edit it; try again"))
+}
+
+// ---- one session's keys ----------------------------------------------------------------------------
+
+/// Support's keys of one session in one authorized_keys file: written with our options, renewed
+/// before they expire, and taken out again with proof that none is left (F8, F9, F12). A journal
+/// in the session directory names the file and the keys, so the launcher can finish the removal
+/// (and say what is left) when the daemon could not.
+#[derive(Debug)]
+pub struct KeyBlock {
+    path: PathBuf,
+    id: String,
+    opts: KeyOptions,
+    /// Every key this session wrote and has not yet seen gone from the file.
+    ours: Vec<String>,
+    /// The keys the block holds now.
+    current: Vec<String>,
+    /// The file had no final newline and we added one: the removal takes it away again, so grant
+    /// and revoke leave the file byte-identical.
+    added_newline: bool,
+    renew_at: Option<Instant>,
+    journal: Option<PathBuf>,
+}
+
+/// Keys a removal could not take out of the file: the customer must be told, in these words.
+#[derive(Debug)]
+pub struct Leftover {
+    pub path: PathBuf,
+    pub why: String,
+    /// The exact lines to delete.
+    pub lines: Vec<String>,
+}
+
+impl Leftover {
+    /// Plain words for the customer's terminal, one line each.
+    pub fn message(&self) -> Vec<String> {
+        let p = self.path.display();
+        let mut m = vec![
+            format!("WARNING: support's keys could not be removed from {p} ({}).", self.why),
+            format!("Support may still be able to log in with them. Delete these lines from {p} now:"),
+        ];
+        m.extend(self.lines.iter().map(|l| format!("    {l}")));
+        m
     }
-    Ok(true)
+}
+
+/// The journal's name in the session directory.
+pub const JOURNAL: &str = "keys.journal";
+/// The file in the session directory that names the target sshd (its identification string).
+pub const TARGET_SSHD: &str = "target-sshd";
+
+impl KeyBlock {
+    pub fn new(path: PathBuf, id: String, opts: KeyOptions, journal: Option<PathBuf>) -> KeyBlock {
+        KeyBlock {
+            path,
+            id,
+            opts,
+            ours: Vec::new(),
+            current: Vec::new(),
+            added_newline: false,
+            renew_at: None,
+            journal,
+        }
+    }
+
+    /// The session's block: options from what the launcher learned about the target sshd
+    /// (`DIR/target-sshd`), journal in `DIR`.
+    pub fn for_session(path: &Path, id: &str, target_host: &str, dir: &Path) -> KeyBlock {
+        let banner = std::fs::read_to_string(dir.join(TARGET_SSHD)).ok();
+        let opts = KeyOptions::for_target(banner.as_deref(), is_loopback(target_host));
+        KeyBlock::new(path.to_path_buf(), id.to_string(), opts, Some(dir.join(JOURNAL)))
+    }
+
+    /// What a journal names (the launcher, after a daemon that could not finish).
+    pub fn from_journal(journal: &Path, id: &str) -> Option<KeyBlock> {
+        let text = std::fs::read_to_string(journal).ok()?;
+        let mut it = text.lines();
+        let path = PathBuf::from(it.next()?);
+        let added_newline = it.next()? == "1";
+        let ours: Vec<String> = it.map(str::to_string).collect();
+        let mut b = KeyBlock::new(path, id.to_string(), KeyOptions::default(), Some(journal.to_path_buf()));
+        b.ours = ours;
+        b.added_newline = added_newline;
+        Some(b)
+    }
+
+    fn write_journal(&self) {
+        if let Some(j) = &self.journal {
+            let mut text = format!("{}\n{}\n", self.path.display(), if self.added_newline { 1 } else { 0 });
+            for k in &self.ours {
+                text.push_str(k);
+                text.push('\n');
+            }
+            let _ = crate::sessiondir::publish(j, &text);
+        }
+    }
+
+    pub fn installed(&self) -> bool {
+        !self.current.is_empty()
+    }
+
+    /// Make the block hold exactly `keys` (from `validate_keys`), valid for `KEY_LIFETIME`.
+    pub fn write(&mut self, keys: &[String]) -> Result<(), String> {
+        if keys.is_empty() {
+            return self.remove().map_err(|l| l.why);
+        }
+        let until = crate::sessiondir::now().0 + KEY_LIFETIME.as_secs();
+        let lines: Vec<String> = keys.iter().map(|k| self.opts.line(k, until)).collect();
+        let before = self.ours.clone();
+        for k in keys {
+            if !self.ours.contains(k) {
+                self.ours.push(k.clone());
+            }
+        }
+        // The journal first: after a crash in between it names a superset of what is in the file.
+        self.write_journal();
+        let mut added = false;
+        let (id, ours) = (&self.id, &self.ours);
+        let res = edit(&self.path, |old| {
+            let cleaned = remove_session(old, id, ours);
+            added = !cleaned.is_empty() && !cleaned.ends_with(b"\n");
+            add_block(&cleaned, id, &lines).unwrap_or(cleaned)
+        });
+        if let Err(e) = res {
+            // `edit` fails only before its rename: the file holds what it held.
+            self.ours = before;
+            self.write_journal();
+            self.renew_at = self.renew_at.map(|_| Instant::now() + Duration::from_secs(60));
+            return Err(e);
+        }
+        if added && !self.added_newline {
+            self.added_newline = true;
+            self.write_journal();
+        }
+        self.current = keys.to_vec();
+        self.renew_at = (self.opts.expiry != Expiry::None).then(|| Instant::now() + KEY_RENEW);
+        Ok(())
+    }
+
+    /// When the installed keys need a fresh expiry.
+    pub fn renew_at(&self) -> Option<Instant> {
+        self.renew_at.filter(|_| self.installed())
+    }
+
+    pub fn renew(&mut self) -> Result<(), String> {
+        let keys = self.current.clone();
+        self.write(&keys)
+    }
+
+    /// Take every key of this session out of the file, then read it again: none may be left.
+    pub fn remove(&mut self) -> Result<(), Leftover> {
+        self.renew_at = None;
+        self.current.clear();
+        if self.ours.is_empty() {
+            // Nothing of ours ever reached the file.
+            if let Some(j) = &self.journal {
+                let _ = std::fs::remove_file(j);
+            }
+            return Ok(());
+        }
+        let (id, ours, added) = (&self.id, &self.ours, self.added_newline);
+        let res = edit(&self.path, |old| {
+            let mut new = remove_session(old, id, ours);
+            let last_ours = lines(old).last().is_some_and(|l| marker(l, END) == Some(id) || carries_one_of(l, ours));
+            if added && last_ours && new.ends_with(b"\n") {
+                new.pop();
+            }
+            new
+        });
+        let check = read(&self.path);
+        let left = check.as_ref().map(|c| lines_left(c, ours)).unwrap_or_default();
+        let why = match (res, check) {
+            (Ok(_), Ok(_)) if left.is_empty() => {
+                self.ours.clear();
+                self.added_newline = false;
+                if let Some(j) = &self.journal {
+                    let _ = std::fs::remove_file(j);
+                }
+                return Ok(());
+            }
+            (Err(e), _) | (Ok(_), Err(e)) => e,
+            (Ok(_), Ok(_)) => "they came back after the removal".to_string(),
+        };
+        // What to tell the customer: the lines as they are in the file, followed like sshd
+        // follows it (reading only); else what we wrote, with any expiry.
+        let mut shown = std::fs::read(&self.path).map(|c| lines_left(&c, ours)).unwrap_or_default();
+        if shown.is_empty() {
+            shown = if left.is_empty() { ours.clone() } else { left };
+        }
+        Err(Leftover { path: self.path.clone(), why, lines: shown })
+    }
 }
 
 #[cfg(test)]
@@ -370,7 +865,7 @@ mod tests {
     }
 
     #[test]
-    fn block_roundtrip_byte_identical() {
+    fn block_roundtrip() {
         let samples: &[&[u8]] = &[
             b"",
             b"\n",
@@ -385,8 +880,14 @@ mod tests {
             assert!(added.starts_with(s));
             let text = String::from_utf8_lossy(&added);
             assert!(text.contains("# linbit-tunl-begin swift-fox-jumps-barrel\nssh-ed25519 "), "{text}");
-            assert_eq!(remove_blocks(&added, Some("swift-fox-jumps-barrel")), s.to_vec(), "{text:?}");
-            assert_eq!(remove_blocks(&added, None), s.to_vec());
+            // Without the session's memory a removal cannot know whether the final newline was
+            // ours: it stays (harmless to sshd). `KeyBlock` remembers and restores the bytes.
+            let mut want = s.to_vec();
+            if !s.is_empty() && !s.ends_with(b"\n") {
+                want.push(b'\n');
+            }
+            assert_eq!(remove_blocks(&added, Some("swift-fox-jumps-barrel")), want, "{text:?}");
+            assert_eq!(remove_blocks(&added, None), want);
             assert_eq!(remove_blocks(&added, Some("other-id-a-b")), added);
         }
         let added = add_block(b"", "a-b-c-d", &keys()).unwrap();
@@ -407,8 +908,8 @@ mod tests {
         let only_old = remove_blocks(&b, Some("old-one-a-b"));
         assert!(String::from_utf8_lossy(&only_old).contains("new-two-c-d"));
         // CRLF markers are recognised.
-        let crlf = b"x\r\n# linbit-tunl-begin a-b\r\nk\r\n# linbit-tunl-end a-b\r\ny\r\n";
-        assert_eq!(remove_blocks(crlf, None), b"x\r\ny\r\n");
+        let crlf = format!("x\r\n# linbit-tunl-begin a-b\r\n{ED} k\r\n# linbit-tunl-end a-b\r\ny\r\n");
+        assert_eq!(remove_blocks(crlf.as_bytes(), None), b"x\r\ny\r\n");
         // A begin without an end, or with a different end ID, is left alone.
         let lone = b"x\n# linbit-tunl-begin a-b\nk\n# linbit-tunl-end z-z\ny\n";
         assert_eq!(remove_blocks(lone, None), lone.to_vec());
@@ -418,6 +919,119 @@ mod tests {
         assert!(add_block(b"", "bad\nid", &k).is_err());
         assert!(add_block(b"", "a-b", &["x\ny".into()]).is_err());
         assert!(add_block(b"", "a-b", &[]).is_err());
+    }
+
+    #[test]
+    fn end_marker_always_ends_its_line() {
+        // F8: `echo KEY >> authorized_keys` during the session must not fuse with our end marker.
+        let k = keys();
+        let added = add_block(b"A", "a-b", &k).unwrap();
+        assert!(added.ends_with(b"# linbit-tunl-end a-b\n"), "{:?}", String::from_utf8_lossy(&added));
+        let mut appended = added.clone();
+        appended.extend_from_slice(b"ssh-ed25519 AAAAmine me\n");
+        assert_eq!(remove_blocks(&appended, Some("a-b")), b"A\nssh-ed25519 AAAAmine me\n");
+    }
+
+    #[test]
+    fn a_reused_id_never_spans_the_customers_lines() {
+        // F8: an old begin of this ID lost its end; the customer's lines follow; then our new block.
+        let k = keys();
+        let old = format!("# linbit-tunl-begin a-b\n{ED} eng@linbit.com\nssh-rsa CUSTOMER one\n# comment\n");
+        let new = add_block(old.as_bytes(), "a-b", &k).unwrap();
+        let text = String::from_utf8_lossy(&remove_blocks(&new, Some("a-b"))).into_owned();
+        assert!(text.contains("ssh-rsa CUSTOMER one\n# comment\n"), "{text}");
+        assert!(!text.contains("linbit-tunl-end"), "{text}");
+        // Inside a block, only key lines are ours: anything else someone put there stays.
+        let inside = format!(
+            "# linbit-tunl-begin a-b\n{ED} eng\n# customer note\nfrom=\"10.0.0.1\" ssh-rsa X y\n# linbit-tunl-end a-b\n"
+        );
+        assert_eq!(remove_blocks(inside.as_bytes(), Some("a-b")), b"# customer note\nfrom=\"10.0.0.1\" ssh-rsa X y\n");
+    }
+
+    #[test]
+    fn options_follow_the_target_sshd() {
+        assert_eq!(openssh_version("SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u6\r\n"), Some((9, 2)));
+        assert_eq!(openssh_version("SSH-2.0-OpenSSH_7.4"), Some((7, 4)));
+        assert_eq!(openssh_version("SSH-2.0-OpenSSH_for_Windows_8.1"), Some((8, 1)));
+        assert_eq!(openssh_version("SSH-2.0-dropbear_2022.83"), None);
+        assert_eq!(openssh_version("HTTP/1.1 400"), None);
+        let t = |b: &str, l: bool| KeyOptions::for_target(Some(b), l);
+        assert_eq!(t("SSH-2.0-OpenSSH_9.1", true), KeyOptions { from_loopback: true, expiry: Expiry::Utc });
+        assert_eq!(t("SSH-2.0-OpenSSH_8.2p1", false), KeyOptions { from_loopback: false, expiry: Expiry::Local });
+        assert_eq!(t("SSH-2.0-OpenSSH_7.4", true), KeyOptions { from_loopback: true, expiry: Expiry::None });
+        assert_eq!(t("SSH-2.0-dropbear", true), KeyOptions::default());
+        assert_eq!(KeyOptions::for_target(None, true), KeyOptions::default());
+        for (h, l) in [
+            ("localhost", true),
+            ("127.0.0.1", true),
+            ("127.1.2.3", true),
+            ("::1", true),
+            ("10.0.0.1", false),
+            ("db1", false),
+        ] {
+            assert_eq!(is_loopback(h), l, "{h}");
+        }
+        let k = &keys()[0];
+        // 2026-11-25 15:30:00 UTC
+        let utc = KeyOptions { from_loopback: true, expiry: Expiry::Utc }.line(k, 1_795_620_600);
+        assert_eq!(utc, format!("from=\"127.0.0.1,::1\",expiry-time=\"20261125153000Z\" {k}"));
+        assert_eq!(KeyOptions::default().line(k, 1), *k);
+        let remote = KeyOptions { from_loopback: false, expiry: Expiry::Utc }.line(k, 1_795_620_600);
+        assert_eq!(remote, format!("expiry-time=\"20261125153000Z\" {k}"));
+        // What we write is recognised as ours, and nothing else is.
+        for line in [&utc, &remote, k] {
+            assert_eq!(our_key_part(line), Some(k.as_str()), "{line}");
+        }
+        for line in [
+            format!("from=\"10.0.0.1\" {k}"),
+            format!("from=\"127.0.0.1,::1\",no-pty {k}"),
+            format!("from=\"127.0.0.1,::1\",from=\"127.0.0.1,::1\" {k}"),
+            format!("expiry-time=\"2026\" {k}"),
+            "from=\"127.0.0.1,::1\" ssh-ed25519 AAAA".to_string(),
+            "# comment".to_string(),
+        ] {
+            assert_eq!(our_key_part(&line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn removal_finds_our_lines_wherever_they_are() {
+        // F8: the end marker is gone (someone edited the file): the exact lines still go.
+        let k = keys();
+        let line = KeyOptions { from_loopback: true, expiry: Expiry::Utc }.line(&k[0], 1_795_620_600);
+        let damaged = format!("mine\n# linbit-tunl-begin a-b\n{line}\nafter\n");
+        assert_eq!(remove_session(damaged.as_bytes(), "a-b", &k), b"mine\nafter\n");
+        assert_eq!(lines_left(damaged.as_bytes(), &k), vec![line.clone()]);
+        // The customer's own copy of the key with their own options is theirs.
+        let theirs = format!("no-pty {}\n", k[0]);
+        assert_eq!(remove_session(theirs.as_bytes(), "a-b", &k), theirs.as_bytes());
+    }
+
+    #[test]
+    fn key_block_reports_what_it_could_not_remove() {
+        // F12: the file became a symlink (configuration management): we refuse to follow it, and
+        // say which exact lines are left where.
+        let t = TmpDir::new("left");
+        let path = t.0.join("authorized_keys");
+        let k = keys();
+        let mut block =
+            KeyBlock::new(path.clone(), "a-b".into(), KeyOptions { from_loopback: true, expiry: Expiry::Utc }, None);
+        block.write(&k).unwrap();
+        let installed = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+        let line = installed.lines().nth(1).unwrap().to_string();
+        assert!(line.starts_with("from=\"127.0.0.1,::1\",expiry-time=\""), "{line}");
+        std::fs::rename(&path, t.0.join("managed")).unwrap();
+        std::os::unix::fs::symlink(t.0.join("managed"), &path).unwrap();
+        let left = block.remove().unwrap_err();
+        assert_eq!(left.lines, vec![line.clone()]);
+        assert!(left.why.contains("symbolic link"), "{}", left.why);
+        let msg = left.message().join("\n");
+        assert!(msg.contains(&line) && msg.contains(&path.display().to_string()), "{msg}");
+        // Once the link is gone the keys can go, and the next removal proves it.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(t.0.join("managed"), &path).unwrap();
+        block.remove().unwrap();
+        assert!(!String::from_utf8(std::fs::read(&path).unwrap()).unwrap().contains("ssh-ed25519"));
     }
 
     struct TmpDir(std::path::PathBuf);
@@ -451,14 +1065,17 @@ mod tests {
                 .unwrap();
         }
         let k = keys();
-        assert!(edit(&path, |c| add_block(c, "a-b-c-d", &k).unwrap()).unwrap());
+        let mut block = KeyBlock::new(path.clone(), "a-b-c-d".into(), KeyOptions::default(), None);
+        block.write(&k).unwrap();
         let md = std::fs::metadata(&path).unwrap();
         assert_eq!(md.mode() & 0o7777, 0o640);
         if root {
             assert_eq!((md.uid(), md.gid()), (12345, 23456));
         }
         assert!(std::fs::read(&path).unwrap().len() > orig.len());
-        assert!(edit(&path, |c| remove_blocks(c, Some("a-b-c-d"))).unwrap());
+        // A second grant rewrites the one block; the revoke restores every byte.
+        block.write(&[k[0].clone(), format!("{ED} second")]).unwrap();
+        block.remove().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), orig);
         // Unchanged content: nothing written.
         let ino = std::fs::metadata(&path).unwrap().ino();
@@ -482,6 +1099,71 @@ mod tests {
         std::os::unix::fs::symlink(t.0.join("nowhere"), &dangling).unwrap();
         assert!(edit(&dangling, |c| add_block(c, "a-b", &k).unwrap()).is_err());
         assert!(!t.0.join("nowhere").exists());
+    }
+
+    #[test]
+    fn edit_refuses_a_symlink_in_the_directory_part() {
+        // F10: a user's `~/.ssh -> /root/.ssh`: root must neither write nor create anything there.
+        let t = TmpDir::new("dirln");
+        let victim = t.0.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("authorized_keys"), b"root-keys\n").unwrap();
+        let home = t.0.join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::symlink(&victim, home.join(".ssh")).unwrap();
+        let path = home.join(".ssh").join("authorized_keys");
+        let k = keys();
+        let e = edit(&path, |c| add_block(c, "a-b", &k).unwrap()).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(victim.join("authorized_keys")).unwrap(), b"root-keys\n");
+        std::fs::remove_file(victim.join("authorized_keys")).unwrap();
+        assert!(edit(&path, |c| add_block(c, "a-b", &k).unwrap()).is_err());
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0, "something was created behind the link");
+    }
+
+    #[test]
+    fn edit_keeps_a_change_made_while_it_worked() {
+        // F11: someone replaces the file between our read and our rename: their version is the
+        // one we edit, not the one we read first.
+        let t = TmpDir::new("race");
+        let path = t.0.join("authorized_keys");
+        std::fs::write(&path, b"A\n").unwrap();
+        let k = keys();
+        let calls = std::cell::Cell::new(0);
+        let other = t.0.join("other");
+        edit(&path, |c| {
+            if calls.get() == 0 {
+                std::fs::write(&other, b"A\nB\n").unwrap();
+                std::fs::rename(&other, &path).unwrap();
+            }
+            calls.set(calls.get() + 1);
+            add_block(c, "a-b", &k).unwrap()
+        })
+        .unwrap();
+        let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+        assert!(text.starts_with("A\nB\n# linbit-tunl-begin a-b\n"), "{text:?}");
+    }
+
+    #[test]
+    fn concurrent_edits_lose_nothing() {
+        // F11: two sessions on one host edit the same file at once; every block survives.
+        let t = TmpDir::new("conc");
+        let path = t.0.join("authorized_keys");
+        std::fs::write(&path, b"# top\n").unwrap();
+        let k = keys();
+        std::thread::scope(|s| {
+            for w in 0..4 {
+                let (path, k) = (&path, &k);
+                s.spawn(move || {
+                    for i in 0..15 {
+                        let id = format!("w{w}-n{i}");
+                        edit(path, |c| add_block(c, &id, k).unwrap()).unwrap();
+                    }
+                });
+            }
+        });
+        let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(text.matches("# linbit-tunl-begin ").count(), 60, "lost updates:\n{text}");
     }
 
     #[test]
