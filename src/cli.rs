@@ -125,6 +125,7 @@ Environment:
   TUNL_COMPRESS         SSH compression, 1 or 0 (default 1)
   TUNL_PREFIX           tmux prefix key for the session (default C-b)
   TUNL_RECORDING_DIR    write the session recording here instead of the default locations
+  TUNL_STATE_DIR        record of the authorized_keys files used (default /var/lib/linbit-tunl)
   SSL_CERT_FILE         extra PEM roots trusted for TUNL_API
 
 Hotkeys (prefix Ctrl-b unless TUNL_PREFIX): Q end session, c chat/shell, u grant tunnel,
@@ -338,6 +339,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
         other => return err(format!("TUNL_COMPRESS: '{}' must be 1 or 0", printable(other))),
     };
     let authkeys_file = match getenv(env, "TUNL_AUTHKEYS_FILE").filter(|v| !v.is_empty()) {
+        // The launcher and the daemon run in different directories: a relative path would name
+        // two files, the sweep one and the grant another (F22).
+        Some(f) if !f.starts_with('/') => {
+            return err(format!("TUNL_AUTHKEYS_FILE: '{}' is not an absolute path", printable(f)));
+        }
         Some(f) => PathBuf::from(f),
         None => match home_of(&user, env) {
             Some(h) => h.join(".ssh/authorized_keys"),

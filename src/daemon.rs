@@ -142,6 +142,8 @@ pub struct Daemon {
     requesters: Vec<(String, String)>,
     /// The support keys in our authorized_keys block (all granted requests of this session).
     installed: Vec<String>,
+    /// The block in the authorized_keys file: options, renewal, verified removal.
+    keys: authkeys::KeyBlock,
     end: Option<End>,
     /// Why the session ended, for the launcher to print once the customer's terminal is back.
     farewell: String,
@@ -157,6 +159,7 @@ impl Daemon {
         let (host, ips) = ssh::host_context();
         let tunnel = Tunnel::new(cfg.mode);
         let mux = Mux::new(&dir.path, &cfg.target_host, cfg.target_port);
+        let keys = authkeys::KeyBlock::for_session(&cfg.authkeys_file, &cfg.session_id, &cfg.target_host, &dir.path);
         Ok(Daemon {
             cfg,
             dir,
@@ -187,6 +190,7 @@ impl Daemon {
             rec_path: None,
             requesters: Vec::new(),
             installed: Vec::new(),
+            keys,
             end: None,
             farewell: String::new(),
             host,
@@ -792,8 +796,9 @@ impl Daemon {
                     }
                 }
                 tunnel::Effect::RemoveKeys => {
-                    self.remove_keys();
-                    self.chat_show("tunnel closed: support keys removed");
+                    if self.remove_keys() {
+                        self.chat_show("tunnel closed: support keys removed");
+                    }
                 }
                 tunnel::Effect::Closed(reason) => {
                     let reason = if reason == protocol::CloseReason::Revoked { closed_as } else { reason };
@@ -867,12 +872,7 @@ impl Daemon {
                 all.push(k.clone());
             }
         }
-        let sid = self.cfg.session_id.clone();
-        let res = authkeys::edit(&self.cfg.authkeys_file, |old| {
-            let cleaned = authkeys::remove_blocks(old, Some(&sid));
-            authkeys::add_block(&cleaned, &sid, &all).unwrap_or(cleaned)
-        });
-        if let Err(e) = res {
+        if let Err(e) = self.keys.write(&all) {
             self.tell(&format!("cannot install support keys: {e}"));
             return self.fail_batch(batch);
         }
@@ -941,11 +941,20 @@ impl Daemon {
         }
     }
 
-    fn remove_keys(&mut self) {
+    /// Whether the keys are gone (verified by reading the file again).
+    fn remove_keys(&mut self) -> bool {
         self.installed.clear();
-        let sid = self.cfg.session_id.clone();
-        if let Err(e) = authkeys::edit(&self.cfg.authkeys_file, |old| authkeys::remove_blocks(old, Some(&sid))) {
-            self.tell(&format!("cannot remove support keys: {e}"));
+        // On failure the journal stays in the session directory: the launcher tries again at the
+        // end and, if the keys are still there, tells the customer which lines to delete (F12).
+        match self.keys.remove() {
+            Ok(()) => true,
+            Err(left) => {
+                for line in left.message() {
+                    self.log.line(&line);
+                    self.chat_show(&line);
+                }
+                false
+            }
         }
     }
 
@@ -1070,7 +1079,7 @@ impl Daemon {
                 protocol::push_tunnel_closed(o, protocol::CloseReason::Ended);
             }
         }
-        self.remove_keys();
+        let _ = self.remove_keys();
         let bye = match end {
             End::RelayClose => Some(protocol::ByeReason::RelayClose),
             End::Signal(_) | End::TmuxGone => Some(protocol::ByeReason::Signal),
@@ -1221,6 +1230,9 @@ impl Daemon {
         if let Some(r) = self.popup_again_at {
             at(r);
         }
+        if let Some(r) = self.keys.renew_at() {
+            at(r);
+        }
         if let Some(l) = &self.link {
             match self.state {
                 LinkState::Up => {
@@ -1240,6 +1252,11 @@ impl Daemon {
         if self.mux.deadline().is_some_and(|d| now >= d) {
             let out = self.mux.poll(now);
             self.on_mux(out);
+        }
+        if self.keys.renew_at().is_some_and(|r| now >= r) {
+            if let Err(e) = self.keys.renew() {
+                self.log.line(&format!("cannot renew the expiry of the support keys: {e}"));
+            }
         }
         if self.panes_retry_at.is_some_and(|r| now >= r) {
             self.panes_retry_at = None;

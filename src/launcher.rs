@@ -49,10 +49,15 @@ pub fn run(cfg: Config) -> u8 {
 const INTERRUPTED: u8 = 255;
 
 fn prepare_and_run(cfg: Config, dir: &SessionDir, foreground: bool) -> u8 {
-    let dir = SessionDir { path: dir.path.clone() };
+    let dir = dir.alias();
     let mut log = Log::open(&dir.file("debug.log"));
     log.line(&format!("linbit-tunl {} starting, mode {}", crate::cli::VERSION, cfg.mode.as_str()));
-    if let Err(e) = sweep_stale_keys(&cfg.authkeys_file) {
+    // Which sshd the tunnel reaches decides the options on support's keys; ask while we sign.
+    let probe = {
+        let (host, port) = (cfg.target_host.clone(), cfg.target_port);
+        std::thread::spawn(move || probe_target(&host, port))
+    };
+    if let Err(e) = sweep_stale_keys(&cfg, &mut log) {
         say(&e);
         return 1;
     }
@@ -66,6 +71,13 @@ fn prepare_and_run(cfg: Config, dir: &SessionDir, foreground: bool) -> u8 {
             return 1;
         }
     };
+    match probe.join().ok().flatten() {
+        Some(banner) => {
+            log.line(&format!("target sshd says {banner}"));
+            let _ = sessiondir::write_private(&dir.file(authkeys::TARGET_SSHD), banner.as_bytes(), 0o600);
+        }
+        None => log.line("target sshd did not identify itself: support keys go in without options"),
+    }
     let mut conf = cfg.to_conf();
     conf.push_str(&format!("auth={}\n", auth_name(auth_path)));
     if let Err(e) = sessiondir::write_private(&dir.file("daemon.conf"), conf.as_bytes(), 0o600) {
@@ -90,23 +102,85 @@ pub fn auth_from_name(s: &str) -> Option<ssh::AuthPath> {
     }
 }
 
-/// Remove every linbit-tunl block left by a session that could not clean up (killed, power loss).
-/// A block whose session is still running on this host (another ID, its daemon alive) is not stale.
-pub fn sweep_stale_keys(path: &Path) -> Result<(), String> {
-    if std::fs::symlink_metadata(path).is_err() {
-        return Ok(());
+/// Where we remember every authorized_keys file a session of ours used (F9): the next run sweeps
+/// them all, also when it uses another file itself (`--user`, TUNL_AUTHKEYS_FILE).
+fn state_dir() -> PathBuf {
+    std::env::var_os("TUNL_STATE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/linbit-tunl"))
+}
+
+const RECORD: &str = "authkeys-files";
+/// More files than this in the record would be someone else's doing; the oldest go.
+const RECORD_MAX: usize = 64;
+
+fn read_record(path: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for l in text.lines().map(PathBuf::from).filter(|p| p.is_absolute()) {
+        if !files.contains(&l) {
+            files.push(l);
+        }
     }
+    files
+}
+
+fn write_record(path: &Path, files: &[PathBuf]) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let start = files.len().saturating_sub(RECORD_MAX);
+    let text: String = files[start..].iter().map(|f| format!("{}\n", f.display())).collect();
+    sessiondir::publish(path, &text)
+}
+
+/// Remove every linbit-tunl block left by a session that could not clean up (killed, power loss),
+/// from our file and every file an earlier run recorded, then record ours. A block whose session
+/// still runs on this host (its directory's lock is held) is not stale; one of our own ID is, since
+/// we hold that ID's directory now.
+pub fn sweep_stale_keys(cfg: &Config, log: &mut Log) -> Result<(), String> {
+    let record = state_dir().join(RECORD);
+    let ours = cfg.authkeys_file.clone();
+    let mut keep = Vec::new();
+    for f in read_record(&record).into_iter().filter(|f| *f != ours) {
+        match sweep_file(&f, &cfg.session_id) {
+            Ok(false) => log.line(&format!("stale sweep: {} is clean", f.display())),
+            Ok(true) => keep.push(f),
+            Err(e) => {
+                log.line(&format!("stale sweep of {}: {e}", f.display()));
+                keep.push(f);
+            }
+        }
+    }
+    sweep_file(&ours, &cfg.session_id)
+        .map_err(|e| format!("cannot clean stale support keys from {}: {e}", ours.display()))?;
+    keep.push(ours);
+    if let Err(e) = write_record(&record, &keep) {
+        log.line(&format!("cannot record the authorized_keys file for later sweeps: {e}"));
+    }
+    Ok(())
+}
+
+/// Sweep one file; returns whether blocks of running sessions remain in it.
+fn sweep_file(path: &Path, own_id: &str) -> Result<bool, String> {
+    let mut live = false;
     authkeys::edit(path, |old| {
+        live = false;
         let mut out = old.to_vec();
         for id in block_ids(old) {
-            if !session_alive(&id) {
+            if id != own_id && session_alive(&id) {
+                live = true;
+            } else {
                 out = authkeys::remove_blocks(&out, Some(&id));
             }
         }
         out
-    })
-    .map(|_| ())
-    .map_err(|e| format!("cannot clean stale support keys from {}: {e}", path.display()))
+    })?;
+    Ok(live)
 }
 
 /// The session IDs named by `# linbit-tunl-begin ID` lines.
@@ -125,20 +199,37 @@ fn daemon_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("daemon.pid")).ok()?.trim().parse().ok().filter(|&p: &i32| p > 0)
 }
 
-/// Is a daemon of this session running here? Its directory names its pid; the pid must still be a
-/// linbit-tunl daemon (pids are reused).
+/// Is a session with this ID running here? Its directory is root's and a process holds its lock;
+/// nothing a local user can create in /tmp passes that (F13).
 fn session_alive(id: &str) -> bool {
-    if !crate::cli::valid_session_id(id) {
-        return false;
+    crate::cli::valid_session_id(id) && SessionDir::running(&sessiondir::dir_for(id))
+}
+
+/// The target sshd's identification string (`SSH-2.0-OpenSSH_9.2p1 Debian-2`), read from its port.
+fn probe_target(host: &str, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    for addr in (host, port).to_socket_addrs().ok()? {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        // Our own identification first, so sshd logs an ordinary closed connection.
+        let _ = s.write_all(b"SSH-2.0-linbit-tunl-probe\r\n");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 512];
+        // RFC 4253 lets a server send other lines first; the identification is at most 255 bytes.
+        while buf.len() < 8192 {
+            let n = match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let complete = buf.iter().rposition(|&b| b == b'\n').map_or(&buf[..0], |i| &buf[..i]);
+            if let Some(id) = complete.split(|&b| b == b'\n').find(|l| l.starts_with(b"SSH-")) {
+                return Some(crate::text::neutralize(id.strip_suffix(b"\r").unwrap_or(id), 255));
+            }
+        }
     }
-    let dir = sessiondir::dir_for(id);
-    let Some(pid) = daemon_pid(&dir) else {
-        return false;
-    };
-    // The tmux daemon names its directory; the foreground `--tunnel` one its session ID.
-    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| contains(&c, dir.as_os_str().as_encoded_bytes()) || contains(&c, id.as_bytes()))
+    None
 }
 
 /// Ephemeral key, then a certificate from the signing API (with a token), else keyboard-interactive.
@@ -185,6 +276,7 @@ fn authenticate(cfg: &Config, dir: &SessionDir, log: &mut Log) -> Result<ssh::Au
 
 fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 {
     let debug = cfg.debug;
+    let id = cfg.session_id.clone();
     // Lets a session started meanwhile tell that our keys are not stale.
     let _ = sessiondir::publish(&dir.file("daemon.pid"), &format!("{}\n", std::process::id()));
     if signals::held().is_some() {
@@ -199,7 +291,25 @@ fn run_foreground(cfg: Config, dir: SessionDir, auth_path: ssh::AuthPath) -> u8 
     };
     let (end, connected) = d.run_to_end();
     let dir = d.into_dir();
-    finish(&dir, end.status(), connected, debug, None)
+    let status = if keys_gone(&dir, &id) { end.status() } else { 1 };
+    finish(&dir, status, connected, debug, None)
+}
+
+/// The end of every session: the daemon removed support's keys and proved it, or its journal is
+/// still in the directory. Then try once more, and if they are still in the file, tell the
+/// customer in plain words which lines to delete where (F12); the status is then 1.
+fn keys_gone(dir: &SessionDir, id: &str) -> bool {
+    // No journal: the daemon never wrote a key, or proved them all gone.
+    let Some(mut block) = authkeys::KeyBlock::from_journal(&dir.file(authkeys::JOURNAL), id) else { return true };
+    match block.remove() {
+        Ok(()) => true,
+        Err(left) => {
+            for line in left.message() {
+                say(&line);
+            }
+            false
+        }
+    }
 }
 
 /// Remove the directory unless it is evidence (error, never connected) or --debug keeps it.
@@ -209,6 +319,7 @@ fn finish(dir: &SessionDir, status: u8, connected: bool, debug: bool, rec: Optio
     }
     let keep = debug || status == 1 || !connected;
     if keep {
+        dir.drop_secrets();
         say(&format!("session files kept in {}", dir.path.display()));
     } else {
         dir.remove();
@@ -379,6 +490,7 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
                 wait_exit_file(&dir);
                 end_tmux(&sock);
                 say(msg.trim_end());
+                dir.drop_secrets();
                 say(&format!("session files kept in {}", dir.path.display()));
                 return 1;
             }
@@ -412,16 +524,18 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     let (status, rec) = match ended {
         Some(x) => x,
         None => {
-            // The daemon vanished without its orderly end: make sure no support key and no path from
-            // the relay to this host outlives it.
+            // The daemon vanished without its orderly end: no support key and no path from the relay
+            // to this host may outlive it. Its blocks go here; `keys_gone` below proves every key
+            // it wrote gone, or says which lines are left.
             let sid = cfg.session_id.clone();
             let _ = authkeys::edit(&cfg.authkeys_file, |old| authkeys::remove_blocks(old, Some(&sid)));
             close_master(&dir);
             end_tmux(&sock);
-            say("the session daemon ended without cleaning up; support keys were removed");
+            say("the session daemon ended without cleaning up; removing support keys");
             (1, String::new())
         }
     };
+    let status = if keys_gone(&dir, &cfg.session_id) { status } else { 1 };
     if attach {
         end_tmux(&sock);
     }

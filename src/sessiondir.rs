@@ -7,8 +7,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{FlockOperation, Mode as FMode, OFlags};
 
 use sha2::{Digest, Sha256};
 
@@ -27,7 +30,15 @@ pub fn dir_for(session_id: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct SessionDir {
     pub path: PathBuf,
+    /// A shared `flock` on `DIR/lock`, held by every process of the session for its whole life:
+    /// while anyone holds it, the session is running, whatever its mode (F16), and only root can
+    /// take it in root's 0700 directory (F13). Never read: holding it is its purpose.
+    #[allow(dead_code)]
+    lock: Option<OwnedFd>,
 }
+
+/// The lock file in the session directory; never cleared out with the leftovers.
+const LOCK: &str = "lock";
 
 /// Files we may find in a leftover directory and are willing to clear out.
 const OUR_FILES: &[&str] = &[
@@ -50,6 +61,9 @@ const OUR_FILES: &[&str] = &[
     "daemon.pid.new",
     "keys.restore",
     "prefix-check.sock",
+    "keys.journal",
+    "keys.journal.new",
+    "target-sshd",
 ];
 
 impl SessionDir {
@@ -60,31 +74,97 @@ impl SessionDir {
 
     pub fn create_at(path: &Path) -> Result<SessionDir, String> {
         let shown = path.display();
-        match std::fs::DirBuilder::new().mode(0o700).create(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                Self::check_owned(path)?;
-                if path.join("tmux.sock").exists() && tmux_alive(&path.join("tmux.sock")) {
-                    return Err(format!(
-                        "a linbit-tunl session with this ID is already running on this host ({shown}); \
-                         end it with Ctrl-b Q or run with --attach from inside it"
-                    ));
-                }
-                for name in OUR_FILES {
-                    let p = path.join(name);
-                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-                }
-            }
+        let in_use = || {
+            format!(
+                "a linbit-tunl session with this ID is already running on this host ({shown}); \
+                 end it with Ctrl-b Q or run with --attach from inside it"
+            )
+        };
+        let leftover = match std::fs::DirBuilder::new().mode(0o700).create(path) {
+            Ok(()) => false,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => true,
             Err(e) => return Err(format!("cannot create session directory {shown}: {e}")),
-        }
+        };
         Self::check_owned(path)?;
-        Ok(SessionDir { path: path.to_path_buf() })
+        let lock = rustix::fs::open(
+            path.join(LOCK),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            FMode::from_raw_mode(0o600),
+        )
+        .map_err(|e| format!("cannot open {}/{LOCK}: {e}", shown))?;
+        // Exclusive while we clear out a leftover: nobody else may be using these files.
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Err(in_use());
+        }
+        if leftover {
+            // A session from before the lock, or one whose processes all died but tmux.
+            if path.join("tmux.sock").exists() && tmux_alive(&path.join("tmux.sock")) {
+                return Err(in_use());
+            }
+            for name in OUR_FILES {
+                let p = path.join(name);
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+        // Then shared, for the whole session, so its daemon can hold it too. (Not atomic: should
+        // another start take it exclusively in between, we are the one that gives way.)
+        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockShared).is_err() {
+            return Err(in_use());
+        }
+        Ok(SessionDir { path: path.to_path_buf(), lock: Some(lock) })
     }
 
-    /// Open the directory of a running session (internal roles); the same ownership rules apply.
+    /// Open the directory of a running session (internal roles); the same ownership rules apply,
+    /// and this process holds the session's lock too while it lives.
     pub fn open(path: &Path) -> Result<SessionDir, String> {
         Self::check_owned(path)?;
-        Ok(SessionDir { path: path.to_path_buf() })
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let lock = rustix::fs::open(path.join(LOCK), flags, FMode::empty()).ok();
+        if let Some(l) = &lock {
+            let _ = rustix::fs::flock(l, FlockOperation::NonBlockingLockShared);
+        }
+        Ok(SessionDir { path: path.to_path_buf(), lock })
+    }
+
+    /// The same directory without the lock (the lock stays with `self`).
+    pub fn alias(&self) -> SessionDir {
+        SessionDir { path: self.path.clone(), lock: None }
+    }
+
+    /// Whether a session is running in `path`: the directory is ours (root's, 0700, no link) and a
+    /// process holds its lock. A file anyone else planted proves nothing (F13).
+    pub fn running(path: &Path) -> bool {
+        if Self::check_owned(path).is_err() {
+            return false;
+        }
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let Ok(fd) = rustix::fs::open(path.join(LOCK), flags, FMode::empty()) else { return false };
+        if !rustix::fs::fstat(&fd).is_ok_and(|st| st.st_mode & 0o170000 == 0o100000) {
+            return false;
+        }
+        matches!(rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive), Err(rustix::io::Errno::WOULDBLOCK))
+    }
+
+    /// Kept for diagnosis (error, `--debug`): logs and public material stay, live secrets go (F15):
+    /// the private key and its certificate, the askpass helper, the token in daemon.conf.
+    pub fn drop_secrets(&self) {
+        let keydir = self.file("sharekey");
+        for f in [crate::auth::KEY_FILE, crate::auth::CERT_FILE] {
+            let _ = std::fs::remove_file(keydir.join(f));
+        }
+        let _ = std::fs::remove_file(self.file(crate::auth::ASKPASS_FILE));
+        let conf = self.file("daemon.conf");
+        if let Ok(text) = std::fs::read_to_string(&conf) {
+            let kept: String = text
+                .lines()
+                .map(|l| if l.starts_with("token=") { "token=" } else { l })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept != text {
+                let _ = std::fs::remove_file(&conf);
+                let _ = write_private(&conf, kept.as_bytes(), 0o600);
+            }
+        }
     }
 
     fn check_owned(path: &Path) -> Result<(), String> {
@@ -254,6 +334,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o700);
         std::fs::write(d.file("ssh.log"), b"old").unwrap();
         std::fs::write(d.file("notours"), b"keep").unwrap();
+        // The session that made it is gone (its lock with it): the directory is a leftover.
+        drop(d);
         let d2 = SessionDir::create_at(&p).unwrap();
         assert!(!d2.file("ssh.log").exists(), "our leftover files are cleared");
         assert!(d2.file("notours").exists(), "files we did not make are left alone");
@@ -283,6 +365,48 @@ mod tests {
             assert!(SessionDir::create_at(&target).unwrap_err().contains("belongs to uid 65534"));
         }
         std::fs::remove_dir(&target).unwrap();
+    }
+
+    #[test]
+    fn the_lock_says_who_runs() {
+        // F16: a second start with the same directory is refused while the first one lives.
+        let p = scratch("lock");
+        let first = SessionDir::create_at(&p).unwrap();
+        assert!(SessionDir::running(&p));
+        let e = SessionDir::create_at(&p).unwrap_err();
+        assert!(e.contains("already running"), "{e}");
+        // The daemon of the session shares it; the session runs while either lives.
+        let daemon = SessionDir::open(&p).unwrap();
+        drop(first);
+        assert!(SessionDir::running(&p));
+        drop(daemon);
+        assert!(!SessionDir::running(&p));
+        let again = SessionDir::create_at(&p).unwrap();
+        again.remove();
+        // F13: a directory someone else owns proves nothing, lock or not.
+        if rustix::process::geteuid().is_root() {
+            let d = SessionDir::create_at(&p).unwrap();
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+            assert!(!SessionDir::running(&p));
+            d.remove();
+        }
+    }
+
+    #[test]
+    fn kept_directory_loses_its_secrets() {
+        let p = scratch("secrets");
+        let d = SessionDir::create_at(&p).unwrap();
+        std::fs::create_dir(d.file("sharekey")).unwrap();
+        for f in ["sharekey/id_ed25519", "sharekey/id_ed25519-cert.pub", "sharekey/id_ed25519.pub", "askpass.sh"] {
+            std::fs::write(d.file(f), b"x").unwrap();
+        }
+        std::fs::write(d.file("daemon.conf"), "session_id=a-b-c-d\ntoken=123456\nuser=root\n").unwrap();
+        d.drop_secrets();
+        assert!(!d.file("sharekey/id_ed25519").exists() && !d.file("sharekey/id_ed25519-cert.pub").exists());
+        assert!(!d.file("askpass.sh").exists());
+        assert!(d.file("sharekey/id_ed25519.pub").exists(), "public material stays");
+        assert_eq!(std::fs::read_to_string(d.file("daemon.conf")).unwrap(), "session_id=a-b-c-d\ntoken=\nuser=root\n");
+        d.remove();
     }
 
     #[test]

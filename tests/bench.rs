@@ -401,6 +401,7 @@ impl Share {
         c.env("USER", relay.user()).env("HOME", scratch.path()).env("TERM", "xterm-256color");
         c.env("SHELL", "/bin/sh");
         c.env("TUNL_AUTHKEYS_FILE", scratch.path().join("ak")).env("TUNL_RECORDING_DIR", scratch.path());
+        c.env("TUNL_STATE_DIR", scratch.path().join("state"));
         c.args(["-f", "/dev/null", "new-session", "-d", "-x", "160", "-y", "48"]);
         c.arg(format!("{BIN} --token {TOKEN} {id}"));
         assert!(c.status().unwrap().success(), "outer tmux");
@@ -550,6 +551,7 @@ fn startup(relay: &Relay, scratch: &Scratch) -> Vec<f64> {
         c.args(["--tunnel", "--token", TOKEN, &id]).env_clear();
         c.env("PATH", &path).env("USER", relay.user()).env("HOME", scratch.path());
         c.env("TUNL_AUTHKEYS_FILE", scratch.path().join("ak")).env("TUNL_RECORDING_DIR", scratch.path());
+        c.env("TUNL_STATE_DIR", scratch.path().join("state"));
         for (k, v) in relay.env() {
             c.env(k, v);
         }

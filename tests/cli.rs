@@ -71,6 +71,8 @@ fn bad_environment_is_refused_without_side_effects() {
     refused(&[id], &[("TUNL_API", "tunl.linbit.com")], "TUNL_API");
     refused(&[id], &[("TUNL_RELAY_CA_PUBKEY", "ssh-ed25519 notbase64")], "TUNL_RELAY_CA_PUBKEY");
     refused(&[id], &[("USER", ""), ("LOGNAME", "")], "--user");
+    // F22: the launcher and the daemon run in different directories; a relative path means two files.
+    refused(&[id], &[("TUNL_AUTHKEYS_FILE", "keys/authorized_keys")], "TUNL_AUTHKEYS_FILE");
 }
 
 #[test]

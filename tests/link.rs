@@ -313,6 +313,7 @@ fn sigterm_while_connecting_leaves_nothing_behind() {
     c.args(["--token", TOKEN, &id]).env_clear();
     c.env("PATH", std::env::var("PATH").unwrap()).env("USER", relay.user()).env("HOME", scratch.path());
     c.env("TUNL_AUTHKEYS_FILE", scratch.path().join("ak")).env("TUNL_RECORDING_DIR", scratch.path());
+    c.env("TUNL_STATE_DIR", scratch.path().join("state"));
     for (k, v) in relay.env() {
         c.env(k, v);
     }

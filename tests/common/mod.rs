@@ -95,6 +95,8 @@ impl Foreground {
         c.env("PATH", path_without_tmux(scratch)).env("USER", relay.user()).env("HOME", scratch.path());
         c.env("TUNL_AUTHKEYS_FILE", scratch.path().join("authorized_keys"));
         c.env("TUNL_RECORDING_DIR", scratch.path());
+        // The record of touched authorized_keys files stays in the test's scratch, not in /var/lib.
+        c.env("TUNL_STATE_DIR", scratch.path().join("state"));
         for (k, v) in relay.env() {
             c.env(k, v);
         }
@@ -256,6 +258,7 @@ impl Customer {
         }
         c.env("USER", "root").env("HOME", &s).env("TERM", "xterm-256color");
         c.env("TUNL_AUTHKEYS_FILE", s.join("authorized_keys")).env("TUNL_RECORDING_DIR", &s);
+        c.env("TUNL_STATE_DIR", s.join("state"));
         c.env("SHELL", "/bin/sh").env("PS1", "$ ").env("LANG", "C.UTF-8");
         for (k, v) in env {
             c.env(k, v);
