@@ -159,6 +159,17 @@ test: lint
 relay SESSION="swift-fox-jumps-barrel" TOKEN="123456":
     cargo run -q -p relay-double -- serve --session {{SESSION}} --token {{TOKEN}}
 
+# The product relay (tunl-relay) under a prefix: accounts tunl and tunl-support, a throwaway TLS CA,
+# everything else under ROOT. Idempotent. Then `just relay-serve` runs its sshd and API until Ctrl-C.
+relay-init ROOT="/tmp/tunl-relay-demo" PORT="2222" API_PORT="8443":
+    cargo build -q -p tunl-relay
+    mkdir -p {{ROOT}} && chmod 755 {{ROOT}}
+    target/debug/tunl-relay init --root {{ROOT}} --port {{PORT}} --api-port {{API_PORT}} --listen 127.0.0.1 --tls-self-signed
+
+relay-serve ROOT="/tmp/tunl-relay-demo":
+    cargo build -q -p tunl-relay
+    target/debug/tunl-relay serve --root {{ROOT}}
+
 # A local demo: the test relay and a session against it in this terminal.
 demo SESSION="swift-fox-jumps-barrel":
     cargo build -q --workspace --bins

@@ -65,10 +65,6 @@ impl Layout {
     pub fn trusted_user_ca(&self) -> PathBuf {
         self.etc().join("trusted_user_ca.pub")
     }
-    /// `AuthorizedPrincipalsFile` directory (`%u` inside it).
-    pub fn principals_dir(&self) -> PathBuf {
-        self.etc().join("principals")
-    }
     /// The API's TLS certificate chain and key (PEM), reloaded on SIGHUP.
     pub fn tls_cert(&self) -> PathBuf {
         self.etc().join("tls/cert.pem")
@@ -96,6 +92,24 @@ impl Layout {
     }
     pub fn sshd_pid(&self) -> PathBuf {
         self.run().join("sshd.pid")
+    }
+    /// sshd runs through a symlink named after the instance's PAM service: OpenSSH (9.2, Debian 12)
+    /// opens `/etc/pam.d/<its program name>`, so this instance's PAM stack is its own.
+    pub fn sshd_link(&self, service: &str) -> PathBuf {
+        self.etc().join("sbin").join(service)
+    }
+    /// The PAM service file `init` writes (`/etc/pam.d/SERVICE` for the real root; under a test root
+    /// `serve` installs a copy in `/etc/pam.d` while it runs, since PAM reads nothing else).
+    pub fn pam_file(&self, service: &str) -> PathBuf {
+        self.under("etc/pam.d").join(service)
+    }
+    /// The home of the customers' account: empty and root's, so no start-up file can appear there.
+    pub fn customer_home(&self) -> PathBuf {
+        self.state().join("home")
+    }
+    /// The API's listening socket address and pid (for `serve` and `status`).
+    pub fn api_pid(&self) -> PathBuf {
+        self.run().join("api.pid")
     }
 }
 

@@ -252,6 +252,8 @@ pub trait Registry {
     /// Ends pending sessions past their expiry and live ones not seen for `idle_secs`; returns
     /// their IDs.
     fn expire(&self, now: i64, idle_secs: i64) -> Result<Vec<String>>;
+    /// Retention: forgets sessions that ended before `before`, with their events; returns how many.
+    fn purge(&self, before: i64) -> Result<usize>;
 }
 
 /// True if `s` is a session ID as the client validates it: four lowercase words joined by `-`.
@@ -670,6 +672,16 @@ impl Registry for Sqlite {
             Ok(ids)
         })
     }
+
+    fn purge(&self, before: i64) -> Result<usize> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM events WHERE session IN (SELECT id FROM sessions WHERE state = 'ended' AND ended < ?1)",
+                [before],
+            )?;
+            Ok(tx.execute("DELETE FROM sessions WHERE state = 'ended' AND ended < ?1", [before])?)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -839,6 +851,10 @@ mod tests {
         assert!(!r.update(&q.id, &Update::Seen, 1501).unwrap(), "an ended session takes no updates");
         assert_eq!(r.list(2000).unwrap().len(), 1);
         assert_eq!(r.list(0).unwrap().len(), 3);
+        assert_eq!(r.purge(1500).unwrap(), 0, "ended at 1500, not before");
+        assert_eq!(r.purge(1501).unwrap(), 2);
+        assert!(r.get(&q.id).unwrap().is_none() && r.events(&q.id).unwrap().is_empty());
+        assert_eq!(r.list(0).unwrap().len(), 1);
     }
 
     #[test]

@@ -1,0 +1,43 @@
+//! Structured log lines on stderr, one event a line (`key=value`, values percent-encoded when they
+//! are not plain tokens), for journald. Never a token, a key or a session's payload: callers pass
+//! byte counts and reasons.
+
+use std::io::Write;
+
+/// Formats one event line (pure, tested): `tunl-relay[PID]: LEVEL EVENT k=v ...`.
+pub fn format(pid: u32, level: &str, event: &str, fields: &[(&str, &str)]) -> String {
+    let mut s = format!("tunl-relay[{pid}]: {level} {event}");
+    for (k, v) in fields {
+        s.push(' ');
+        s.push_str(k);
+        s.push('=');
+        if !v.is_empty() && tunl_wire::is_token(v) {
+            s.push_str(v);
+        } else {
+            s.push_str(&tunl_wire::pct_encode(v));
+        }
+    }
+    s
+}
+
+pub fn event(level: &str, event: &str, fields: &[(&str, &str)]) {
+    let line = format(std::process::id(), level, event, fields);
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+pub fn info(ev: &str, fields: &[(&str, &str)]) {
+    event("info", ev, fields);
+}
+
+pub fn warn(ev: &str, fields: &[(&str, &str)]) {
+    event("warn", ev, fields);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_whatever_the_values() {
+        let l = super::format(7, "warn", "sign", &[("id", "a-b-c-d"), ("why", "bad\nline x"), ("e", "")]);
+        assert_eq!(l, "tunl-relay[7]: warn sign id=a-b-c-d why=bad%0Aline%20x e=");
+    }
+}

@@ -1,0 +1,252 @@
+//! The relay's own sshd instance: its configuration, its PAM service and the systemd units, as
+//! pure renderers (tested below), and starting it in the foreground for `serve`. The host admin's
+//! sshd and its files are never touched.
+
+use std::path::Path;
+
+use crate::layout::{Config, Layout};
+
+/// The command sshd runs for `sub` (`produce`, `support`, `pam-ki`), naming the root when it is
+/// not `/`. Paths are checked by `init` to contain no whitespace or quotes.
+pub fn relay_command(cfg: &Config, layout: &Layout, sub: &str) -> String {
+    if layout.root == Path::new("/") {
+        format!("{} {sub}", cfg.binary.display())
+    } else {
+        format!("{} {sub} --root {}", cfg.binary.display(), layout.root.display())
+    }
+}
+
+/// True if `p` can go into sshd_config and PAM lines unquoted.
+pub fn plain_path(p: &Path) -> bool {
+    p.to_str().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && !b"\"'\\#".contains(&b)))
+}
+
+pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
+    format!(
+        "# The tunl-relay sshd instance, written by `tunl-relay init` (rewritten on every init).\n\
+         # The host's own sshd does not read this file.\n\
+         Port {port}\n\
+         ListenAddress {listen}\n\
+         HostKey {hk}\n\
+         HostCertificate {hc}\n\
+         PidFile {pid}\n\
+         # Nobody logs in with a password or a plain key unless a Match below says so.\n\
+         AuthorizedKeysFile none\n\
+         PubkeyAuthentication yes\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PermitEmptyPasswords no\n\
+         UsePAM yes\n\
+         PermitRootLogin no\n\
+         AllowGroups {cust} {group}\n\
+         PermitTTY no\n\
+         PermitUserRC no\n\
+         PermitUserEnvironment no\n\
+         PermitTunnel no\n\
+         X11Forwarding no\n\
+         AllowAgentForwarding no\n\
+         AllowStreamLocalForwarding no\n\
+         AllowTcpForwarding no\n\
+         GatewayPorts no\n\
+         PrintMotd no\n\
+         PrintLastLog no\n\
+         UseDNS no\n\
+         Subsystem sftp none\n\
+         ClientAliveInterval 15\n\
+         ClientAliveCountMax 3\n\
+         LoginGraceTime 30\n\
+         MaxAuthTries 6\n\
+         MaxStartups 100:30:300\n\
+         MaxSessions 10\n\
+         LogLevel VERBOSE\n\
+         \n\
+         # Customers: a relay certificate (principal = the account's name, sshd's default without\n\
+         # AuthorizedPrincipalsFile) or keyboard-interactive (session ID or token, checked by\n\
+         # `tunl-relay pam-ki`), then only `tunl-relay produce` and remote forwards on loopback.\n\
+         Match User {cust}\n\
+         \tTrustedUserCAKeys {ca}\n\
+         \tAuthenticationMethods publickey keyboard-interactive\n\
+         \tKbdInteractiveAuthentication yes\n\
+         \tExposeAuthInfo yes\n\
+         \tForceCommand {produce}\n\
+         \tAllowTcpForwarding remote\n\
+         \tGatewayPorts no\n\
+         \tPermitListen any\n\
+         \tPermitOpen none\n\
+         \tPermitTTY no\n\
+         \n\
+         # Support engineers: their own keys, then only `tunl-relay support` and direct-tcpip\n\
+         # channels to the relay's loopback (the customers' tunnel ports).\n\
+         Match Group {group}\n\
+         \tAuthorizedKeysFile .ssh/authorized_keys\n\
+         \tAuthenticationMethods publickey\n\
+         \tForceCommand {support}\n\
+         \tAllowTcpForwarding local\n\
+         \tPermitOpen 127.0.0.1:*\n\
+         \tPermitListen none\n\
+         \tPermitTTY no\n",
+        port = cfg.port,
+        listen = cfg.listen,
+        hk = layout.host_key().display(),
+        hc = layout.host_cert().display(),
+        pid = layout.sshd_pid().display(),
+        cust = cfg.customer_user,
+        group = cfg.support_group,
+        ca = layout.trusted_user_ca().display(),
+        produce = relay_command(cfg, layout, "produce"),
+        support = relay_command(cfg, layout, "support"),
+    )
+}
+
+/// The instance's PAM service: keyboard-interactive answers go to `tunl-relay pam-ki` (the secret
+/// on its stdin, never on a command line); support engineers authenticate with keys, never here.
+pub fn render_pam(cfg: &Config, layout: &Layout) -> String {
+    format!(
+        "# PAM service of the tunl-relay sshd instance only, written by `tunl-relay init`.\n\
+         auth [success=1 default=ignore] pam_succeed_if.so quiet user = {cust}\n\
+         auth requisite pam_deny.so\n\
+         auth required pam_exec.so expose_authtok quiet {cmd}\n\
+         account required pam_permit.so\n\
+         session required pam_permit.so\n",
+        cust = cfg.customer_user,
+        cmd = relay_command(cfg, layout, "pam-ki"),
+    )
+}
+
+pub fn render_sshd_unit(cfg: &Config, layout: &Layout) -> String {
+    format!(
+        "# Written by `tunl-relay init`.\n\
+         [Unit]\n\
+         Description=tunl-relay sshd instance (customers and support, port {port})\n\
+         After=network.target\n\
+         \n\
+         [Service]\n\
+         ExecStartPre={link} -t -f {conf}\n\
+         ExecStart={link} -D -e -f {conf}\n\
+         ExecReload=/bin/kill -HUP $MAINPID\n\
+         KillMode=process\n\
+         Restart=on-failure\n\
+         RuntimeDirectory=sshd\n\
+         RuntimeDirectoryPreserve=yes\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        port = cfg.port,
+        link = layout.sshd_link(&cfg.pam_service).display(),
+        conf = layout.sshd_config().display(),
+    )
+}
+
+pub fn render_api_unit(cfg: &Config, layout: &Layout) -> String {
+    format!(
+        "# Written by `tunl-relay init`.\n\
+         [Unit]\n\
+         Description=tunl-relay certificate signing API (port {port})\n\
+         After=network.target\n\
+         \n\
+         [Service]\n\
+         ExecStart={api}\n\
+         ExecReload=/bin/kill -HUP $MAINPID\n\
+         User={user}\n\
+         Group={user}\n\
+         AmbientCapabilities=CAP_NET_BIND_SERVICE\n\
+         NoNewPrivileges=yes\n\
+         ProtectSystem=strict\n\
+         ReadWritePaths={registry}\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n\
+         Restart=on-failure\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        port = cfg.api_port,
+        api = relay_command(cfg, layout, "api"),
+        user = cfg.customer_user,
+        registry = layout.registry_dir().display(),
+    )
+}
+
+/// `expire` every five minutes: pending and idle sessions, old recordings and logs.
+pub fn render_expire_units(cfg: &Config, layout: &Layout) -> (String, String) {
+    let service = format!(
+        "# Written by `tunl-relay init`.\n\
+         [Unit]\n\
+         Description=tunl-relay: expire sessions, apply retention\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         ExecStart={cmd}\n",
+        cmd = relay_command(cfg, layout, "expire"),
+    );
+    let timer = "# Written by `tunl-relay init`.\n\
+                 [Unit]\n\
+                 Description=tunl-relay: expire sessions every five minutes\n\
+                 \n\
+                 [Timer]\n\
+                 OnBootSec=5min\n\
+                 OnUnitActiveSec=5min\n\
+                 \n\
+                 [Install]\n\
+                 WantedBy=timers.target\n"
+        .to_string();
+    (service, timer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            port: 2222,
+            api_port: 8443,
+            customer_user: "tunl".into(),
+            support_group: "tunl-support".into(),
+            pam_service: "tunl-relay-sshd".into(),
+            binary: "/usr/local/bin/tunl-relay".into(),
+            listen: "0.0.0.0".into(),
+            idle_minutes: 120,
+            retain_days: 90,
+        }
+    }
+
+    #[test]
+    fn sshd_config_confines_both_kinds_of_account() {
+        let c = render_sshd_config(&cfg(), &Layout::new("/"));
+        assert!(c.contains("Port 2222\n"));
+        let (global, rest) = c.split_once("Match User tunl\n").unwrap();
+        let (customer, support) = rest.split_once("Match Group tunl-support\n").unwrap();
+        for no in ["X11Forwarding no", "AllowAgentForwarding no", "PermitTTY no", "AllowTcpForwarding no"] {
+            assert!(global.contains(no), "{no}");
+        }
+        assert!(customer.contains("\tForceCommand /usr/local/bin/tunl-relay produce\n"));
+        assert!(customer.contains("\tAllowTcpForwarding remote\n\tGatewayPorts no\n"));
+        assert!(customer.contains("\tPermitOpen none\n"));
+        assert!(customer.contains("\tTrustedUserCAKeys /etc/tunl-relay/trusted_user_ca.pub\n"));
+        assert!(support.contains("\tForceCommand /usr/local/bin/tunl-relay support\n"));
+        assert!(support.contains("\tPermitOpen 127.0.0.1:*\n\tPermitListen none\n"));
+        assert!(!support.contains("KbdInteractive"), "support logs in with keys only");
+    }
+
+    #[test]
+    fn a_test_root_is_named_in_every_command() {
+        let l = Layout::new("/tmp/r1");
+        assert_eq!(relay_command(&cfg(), &l, "produce"), "/usr/local/bin/tunl-relay produce --root /tmp/r1");
+        assert!(
+            render_pam(&cfg(), &l)
+                .contains("pam_exec.so expose_authtok quiet /usr/local/bin/tunl-relay pam-ki --root /tmp/r1\n")
+        );
+        assert!(
+            render_sshd_unit(&cfg(), &l).contains("ExecStart=/tmp/r1/etc/tunl-relay/sbin/tunl-relay-sshd -D -e -f")
+        );
+        assert!(render_api_unit(&cfg(), &l).contains("User=tunl\n"));
+    }
+
+    #[test]
+    fn plain_paths_only() {
+        assert!(plain_path(Path::new("/tmp/x-1/y")));
+        assert!(
+            !plain_path(Path::new("/tmp/a b")) && !plain_path(Path::new("/tmp/a\"b")) && !plain_path(Path::new(""))
+        );
+    }
+}
