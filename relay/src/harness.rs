@@ -3,7 +3,7 @@
 //! and everything (processes, accounts, the PAM service, files) removed on drop. Needs root.
 //!
 //! ```no_run
-//! let relay = tunl_relay::harness::Relay::start().unwrap();
+//! let mut relay = tunl_relay::harness::Relay::start().unwrap();
 //! let (id, token) = relay.create_session("CASE-1", false);
 //! // run `linbit-tunl --token TOKEN ID` with relay.env() ...
 //! let engineer = relay.add_support_user().unwrap();
