@@ -1,17 +1,17 @@
 //! authorized_keys editing (safety critical): key validation, our bracketed block, atomic rewrite.
 //!
-//! Decisions (to be recorded in docs/architecture.md):
+//! Decisions (docs/architecture.md, "authorized_keys", has them all):
 //! - Keys from the relay must be plain `TYPE BASE64 [COMMENT]` lines of a known algorithm (ed25519,
 //!   ecdsa-sha2-nistp256/384/521, rsa >= 2048 bits, sk-ed25519, sk-ecdsa); no options, no certificates,
-//!   comment printable ASCII; 1..=16 keys. They are re-serialised (normalised) before installing.
-//! - Block: `# linbit-tunl-begin ID\n<keys>\n# linbit-tunl-end ID\n`. If the file does not end in a
-//!   newline, we add `\n` before the block and write the end line *without* its newline, so the file
-//!   keeps "no final newline"; removal of a block that ends at EOF without newline also removes the
-//!   `\n` before it. Grant + revoke is therefore byte-identical.
-//! - Only complete blocks (begin ID ... first following end ID) are removed; a lone begin is kept.
-//!   Marker lines may end in `\r` (a CRLF editor touched the file).
-//! - `edit` never follows a symlink at the file, writes nothing when the content is unchanged, and
-//!   creates a missing file (and `~/.ssh`, 0700) owned like the directory that will contain it.
+//!   comment printable ASCII; 1..=16 keys. They are re-serialised (normalised) before installing, and
+//!   get only our own options in front (`from="127.0.0.1,::1"`, `expiry-time`).
+//! - Block: `# linbit-tunl-begin ID\n<lines>\n# linbit-tunl-end ID\n`, the end always with its
+//!   newline. A block is a begin and the end of its ID with no other marker between; inside it only
+//!   key lines are ours. Marker lines may end in `\r` (a CRLF editor touched the file).
+//! - `edit` walks the directory without following links, locks it, re-checks the file before the
+//!   rename, writes nothing when the content is unchanged, and creates a missing file (and `~/.ssh`,
+//!   0700) owned like the directory that will contain it.
+//! - `KeyBlock` is one session's keys: written, renewed, removed, and proven gone by reading again.
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
