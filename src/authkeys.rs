@@ -1034,6 +1034,39 @@ mod tests {
         assert!(!String::from_utf8(std::fs::read(&path).unwrap()).unwrap().contains("ssh-ed25519"));
     }
 
+    #[test]
+    fn installed_keys_are_renewed_before_they_expire() {
+        let t = TmpDir::new("renew");
+        let path = t.0.join("authorized_keys");
+        let opts = KeyOptions { from_loopback: true, expiry: Expiry::Utc };
+        let mut block = KeyBlock::new(path.clone(), "a-b".into(), opts, None);
+        assert_eq!(block.renew_at(), None);
+        block.write(&keys()).unwrap();
+        let due = block.renew_at().expect("a renewal is due");
+        let wait = due.saturating_duration_since(Instant::now());
+        assert!(wait > KEY_RENEW - Duration::from_secs(5) && wait <= KEY_RENEW && KEY_RENEW < KEY_LIFETIME / 2);
+        // Pretend the installed expiry is old: the renewal writes a fresh one in its place.
+        let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+        let at = text.find("expiry-time=\"").unwrap() + "expiry-time=\"".len();
+        let aged = format!("{}20000101000000{}", &text[..at], &text[at + 14..]);
+        std::fs::write(&path, aged).unwrap();
+        block.renew().unwrap();
+        let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+        assert!(!text.contains("20000101000000"), "{text}");
+        assert_eq!(text.matches("ssh-ed25519").count(), 1, "{text}");
+        let until = crate::sessiondir::now().0 + KEY_LIFETIME.as_secs();
+        let spec = stamp(crate::sessiondir::civil(until));
+        assert!(text.contains(&format!("expiry-time=\"{}", &spec[..10])), "{text}");
+        assert_eq!(text.matches("linbit-tunl-begin").count(), 1, "{text}");
+        block.remove().unwrap();
+        assert_eq!(block.renew_at(), None);
+        // Without expiry there is nothing to renew.
+        let mut bare = KeyBlock::new(path.clone(), "c-d".into(), KeyOptions::default(), None);
+        bare.write(&keys()).unwrap();
+        assert_eq!(bare.renew_at(), None);
+        bare.remove().unwrap();
+    }
+
     struct TmpDir(std::path::PathBuf);
     impl TmpDir {
         fn new(tag: &str) -> TmpDir {

@@ -443,3 +443,29 @@ fn utc_stamp(t: u64) -> String {
     let d = days - days_from_civil(y, m, 1) + 1;
     format!("{y:04}{m:02}{d:02}{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
+
+/// The same under tmux (`--tunnel` with tmux installed): the daemon's last words die with tmux, so
+/// the launcher says it on the customer's terminal once tmux is gone, and the status is 1.
+#[test]
+fn keys_left_behind_are_reported_after_tmux_is_gone() {
+    let bed = Bed::new("akleftt");
+    let ak = bed.authkeys();
+    let ak_s = ak.display().to_string();
+    let target = bed.target_arg();
+    let id = unique_id("akleftt");
+    let (c, mut conn) =
+        Customer::connect(&bed.relay, &id, &["--tunnel", "--target", &target], &[("TUNL_AUTHKEYS_FILE", &ak_s)]);
+    conn.send(&upgrade_line("t1", "eng@linbit.com", &format!("{}\n", bed.key.public_line)));
+    let open = conn.wait_verb(secs(20), "TUNNEL_OPEN").unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), c.diag()));
+    let port: u16 = line_field(&open, "port").and_then(|p| p.parse().ok()).unwrap();
+    let line = bed.support_line();
+    let real = bed.scratch.path().join("managed_keys");
+    std::fs::rename(&ak, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &ak).unwrap();
+    assert!(login_from(port, &bed.key, None));
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(30)), Some(1), "{}", c.diag());
+    let h = c.history();
+    assert!(h.contains("could not be removed"), "{h}");
+    assert!(h.contains(&line), "the exact line to delete is not shown: {h}");
+}
