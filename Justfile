@@ -181,3 +181,4 @@ bench:
     cargo build -q --release --workspace --bins
     cargo build -q --release --target {{musl}} --bin linbit-tunl
     cargo test --release --test bench -- --ignored --nocapture --test-threads=1
+    cargo test --release -p tunl-relay --test fanout -- --ignored --nocapture

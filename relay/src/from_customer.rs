@@ -36,7 +36,9 @@ fn one_of(s: &str, set: &[&str]) -> bool {
 
 /// Parses one line (without its newline).
 pub fn parse(line: &[u8]) -> Result<CustomerMsg, wire::Malformed> {
-    let l = wire::parse(line, payload_verb)?;
+    let mut l = wire::parse(line, payload_verb)?;
+    // Output is most of the traffic: its payload is moved out, never copied.
+    let payload = l.payload.take();
     let bad = |reason| Err(wire::Malformed { verb: l.verb.clone(), reason });
     let n_bare = match l.verb.as_str() {
         "SIZE" => 2,
@@ -48,7 +50,7 @@ pub fn parse(line: &[u8]) -> Result<CustomerMsg, wire::Malformed> {
     }
     let msg = match l.verb.as_str() {
         "O" => {
-            let data = l.payload.clone().unwrap_or_default();
+            let data = payload.unwrap_or_default();
             if data.is_empty() || data.len() > MAX_O_CHUNK {
                 return bad("empty or oversized output");
             }
@@ -56,7 +58,7 @@ pub fn parse(line: &[u8]) -> Result<CustomerMsg, wire::Malformed> {
         }
         "SNAP" => {
             let Some((cols, rows)) = l.get("size").and_then(crate::hello::parse_size) else { return bad("bad size") };
-            let Some(screen) = l.payload.clone().filter(|p| !p.is_empty()) else { return bad("no screen") };
+            let Some(screen) = payload.filter(|p| !p.is_empty()) else { return bad("no screen") };
             CustomerMsg::Snap { cols, rows, screen }
         }
         "SIZE" => {
@@ -65,7 +67,7 @@ pub fn parse(line: &[u8]) -> Result<CustomerMsg, wire::Malformed> {
             CustomerMsg::Size { cols, rows }
         }
         "CHAT" => {
-            let text = l.payload.clone().unwrap_or_default();
+            let text = payload.unwrap_or_default();
             if text.is_empty() || std::str::from_utf8(&text).is_err() {
                 return bad("empty or not UTF-8");
             }

@@ -46,8 +46,12 @@ impl Recording {
         if text.is_empty() {
             return Ok(());
         }
-        let ev = json!([self.t(), "o", text]);
-        writeln!(self.out, "{ev}")
+        // Written directly rather than through a JSON value: this is the hot path of a busy
+        // shell, and the escaping is the only part that needs care.
+        let t = self.t();
+        write!(self.out, "[{t:.6}, \"o\", \"")?;
+        write_json_escaped(&mut self.out, &text)?;
+        self.out.write_all(b"\"]\n")
     }
 
     pub fn resize(&mut self, cols: u16, rows: u16) -> io::Result<()> {
@@ -58,6 +62,27 @@ impl Recording {
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
+}
+
+/// The inside of a JSON string: `"` and `\\` escaped, control characters as `\\u00XX`.
+fn write_json_escaped(w: &mut impl Write, s: &str) -> io::Result<()> {
+    let b = s.as_bytes();
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'"' || c == b'\\' || c < 0x20 || c == 0x7f {
+            w.write_all(&b[start..i])?;
+            match c {
+                b'"' => w.write_all(b"\\\"")?,
+                b'\\' => w.write_all(b"\\\\")?,
+                b'\n' => w.write_all(b"\\n")?,
+                b'\r' => w.write_all(b"\\r")?,
+                b'\t' => w.write_all(b"\\t")?,
+                _ => write!(w, "\\u{c:04x}")?,
+            }
+            start = i + 1;
+        }
+    }
+    w.write_all(&b[start..])
 }
 
 /// The length of `b` without an incomplete UTF-8 sequence at its end (at most 3 bytes held back).
@@ -101,7 +126,13 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].contains("\"version\":2") && lines[0].contains("\"width\":80"));
-        assert!(lines[1].ends_with(",\"o\",\"x\"]") && lines[2].ends_with(",\"o\",\"世y\"]"), "{text}");
+        assert!(lines[1].ends_with(", \"o\", \"x\"]") && lines[2].ends_with(", \"o\", \"世y\"]"), "{text}");
+        let mut ctl = Recording::open(&dir.join("c.cast"), 80, 24, "t").unwrap();
+        ctl.output("a\"b\\c\n\u{1b}[0m\u{7f}".as_bytes()).unwrap();
+        ctl.flush().unwrap();
+        let c = std::fs::read_to_string(dir.join("c.cast")).unwrap();
+        let ev: serde_json::Value = serde_json::from_str(c.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(ev[2], "a\"b\\c\n\u{1b}[0m\u{7f}");
         assert!(lines[3].ends_with(",\"r\",\"100x30\"]"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
