@@ -49,7 +49,7 @@ impl Recording {
         // Written directly rather than through a JSON value: this is the hot path of a busy
         // shell, and the escaping is the only part that needs care.
         let t = self.t();
-        write!(self.out, "[{t:.6}, \"o\", \"")?;
+        write!(self.out, "[{t:.6},\"o\",\"")?;
         write_json_escaped(&mut self.out, &text)?;
         self.out.write_all(b"\"]\n")
     }
@@ -126,7 +126,7 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].contains("\"version\":2") && lines[0].contains("\"width\":80"));
-        assert!(lines[1].ends_with(", \"o\", \"x\"]") && lines[2].ends_with(", \"o\", \"世y\"]"), "{text}");
+        assert!(lines[1].ends_with(",\"o\",\"x\"]") && lines[2].ends_with(",\"o\",\"世y\"]"), "{text}");
         let mut ctl = Recording::open(&dir.join("c.cast"), 80, 24, "t").unwrap();
         ctl.output("a\"b\\c\n\u{1b}[0m\u{7f}".as_bytes()).unwrap();
         ctl.flush().unwrap();
