@@ -172,8 +172,8 @@ fn tls_config(
         .with_no_client_auth())
 }
 
-/// The rustls error behind a transport error, if any. `io::Error::source` skips the wrapped error,
-/// so the chain is walked with explicit downcasts.
+/// The rustls error behind an I/O error, if any. `io::Error::source` skips the wrapped error, so
+/// the chain is walked with explicit downcasts.
 fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cur = Some(e);
     while let Some(e) = cur {
@@ -192,39 +192,134 @@ fn find_rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a
     None
 }
 
-fn classify_transport(t: &ureq::Transport) -> SignError {
-    use ureq::ErrorKind as K;
-    if let Some(r) = find_rustls_error(t) {
-        return match r {
-            rustls::Error::InvalidCertificate(_)
-            | rustls::Error::NoCertificatesPresented
-            | rustls::Error::UnsupportedNameType
-            | rustls::Error::InvalidCertRevocationList(_) => SignError::Untrusted(format!(
-                "the signing service's TLS certificate is not trusted ({r}): the API may be forged; \
-                 if your network inspects TLS, add its CA with SSL_CERT_FILE"
-            )),
-            // Anything else in TLS: we did not reach a working TLS server.
-            other => SignError::Unreachable(format!("TLS handshake failed: {other}")),
-        };
+/// Sort a failed request into "nothing answered" (the only case that falls back to
+/// keyboard-interactive) and everything else. Once TCP is connected, any TLS error is fatal: an
+/// injected alert or a garbled record must not quietly move the session off the certificate path.
+fn classify_transport(e: &ureq::Error) -> SignError {
+    use ureq::Error as E;
+    if let E::Io(io) = e {
+        if let Some(r) = find_rustls_error(io) {
+            return match r {
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType
+                | rustls::Error::InvalidCertRevocationList(_) => SignError::Untrusted(format!(
+                    "the signing service's TLS certificate is not trusted ({r}): the API may be forged; \
+                     if your network inspects TLS, add its CA with SSL_CERT_FILE"
+                )),
+                other => SignError::Untrusted(format!(
+                    "the TLS connection to the signing service failed ({other}): something between this \
+                     host and the service interferes, or the API is forged; not falling back to the \
+                     session ID. Check the network path to TUNL_API, or run without --token"
+                )),
+            };
+        }
     }
     // ureq's own messages name the host and the OS error, never the body.
-    let what = match t.kind() {
-        K::Dns => "name lookup failed",
-        K::ConnectionFailed => "connection failed",
-        K::Io => "connection error",
-        K::InvalidUrl | K::UnknownScheme | K::InsecureRequestHttpsOnly => {
-            return SignError::Setup(format!("TUNL_API is not a usable URL: {t}"));
+    let what = match e {
+        E::HostNotFound => "name lookup failed",
+        E::ConnectionFailed => "connection failed",
+        E::Timeout(_) => "timed out",
+        E::Io(_) => "connection error",
+        E::BadUri(_) | E::RequireHttpsOnly(_) => {
+            return SignError::Setup(format!("TUNL_API is not a usable URL: {e}"));
         }
-        K::BadStatus | K::BadHeader => return SignError::Bad(format!("not HTTP: {t}")),
+        E::Tls(m) => return SignError::Setup(format!("TUNL_API cannot be used with TLS: {m}")),
+        E::Protocol(_) | E::Http(_) => return SignError::Bad(format!("not HTTP: {e}")),
+        E::BodyExceedsLimit(_) => return SignError::Bad("the answer is too large".to_string()),
         _ => "request failed",
     };
-    SignError::Unreachable(format!("{what}: {t}"))
+    SignError::Unreachable(format!("{what}: {e}"))
+}
+
+/// TLS for the signing API with our own rustls configuration (Mozilla roots *plus* the extra roots,
+/// TLS 1.2/1.3, ring): ureq's built-in connector takes either its bundled roots or a list, never
+/// both, and would pull in a second root store. Plain http is refused here as well as by
+/// `https_only`.
+mod tls_connector {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls::{ClientConnection, StreamOwned};
+    use rustls_pki_types::ServerName;
+    use ureq::Error;
+    use ureq::unversioned::transport::{
+        Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport, TransportAdapter,
+    };
+
+    #[derive(Debug)]
+    pub struct Rustls(pub Arc<rustls::ClientConfig>);
+
+    pub struct TlsTransport {
+        buffers: LazyBuffers,
+        stream: StreamOwned<ClientConnection, TransportAdapter>,
+    }
+
+    impl std::fmt::Debug for TlsTransport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("TlsTransport")
+        }
+    }
+
+    impl<In: Transport> Connector<In> for Rustls {
+        type Out = TlsTransport;
+
+        fn connect(&self, details: &ConnectionDetails, chained: Option<In>) -> Result<Option<TlsTransport>, Error> {
+            let Some(tcp) = chained else { return Err(Error::ConnectionFailed) };
+            if !details.needs_tls() {
+                return Err(Error::RequireHttpsOnly("the signing API is reached over https only".to_string()));
+            }
+            let host = details.uri.host().ok_or(Error::Tls("no host name in TUNL_API"))?;
+            // An IPv6 literal keeps its brackets in the URI.
+            let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+            let name =
+                ServerName::try_from(host.to_string()).map_err(|_| Error::Tls("TUNL_API's host is not a DNS name"))?;
+            let conn = ClientConnection::new(self.0.clone(), name).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            let mut sock = TransportAdapter::new(tcp.boxed(), details.current_time.clone());
+            sock.set_timeout(details.timeout);
+            let mut stream = StreamOwned { conn, sock };
+            // A rustls failure comes back as an io::Error wrapping it (classified as fatal); a
+            // deadline comes back as ureq's own Timeout.
+            stream.conn.complete_io(&mut stream.sock)?;
+            let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
+            Ok(Some(TlsTransport { buffers, stream }))
+        }
+    }
+
+    impl Transport for TlsTransport {
+        fn buffers(&mut self) -> &mut dyn Buffers {
+            &mut self.buffers
+        }
+
+        fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), Error> {
+            self.stream.get_mut().set_timeout(timeout);
+            let output = &self.buffers.output()[..amount];
+            self.stream.write_all(output)?;
+            Ok(())
+        }
+
+        fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
+            self.stream.get_mut().set_timeout(timeout);
+            let input = self.buffers.input_append_buf();
+            let amount = self.stream.read(input)?;
+            self.buffers.input_appended(amount);
+            Ok(amount > 0)
+        }
+
+        fn is_open(&mut self) -> bool {
+            self.stream.get_mut().get_mut().is_open()
+        }
+
+        fn is_tls(&self) -> bool {
+            true
+        }
+    }
 }
 
 /// Read at most the JSON cap of a body; more is refused rather than truncated.
-fn read_body(resp: ureq::Response) -> Result<String, String> {
+fn read_body(body: ureq::Body) -> Result<String, String> {
     let mut buf = Vec::new();
-    resp.into_reader()
+    body.into_reader()
         .take(json::MAX_INPUT as u64 + 1)
         .read_to_end(&mut buf)
         .map_err(|e| format!("reading the answer failed: {e}"))?;
@@ -308,14 +403,20 @@ fn request_with(
     host: &str,
     timeout: Duration,
 ) -> Result<String, SignError> {
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(Arc::new(tls))
-        .timeout_connect(CONNECT_TIMEOUT.min(timeout))
-        .timeout(timeout)
-        .redirects(0)
+    use ureq::unversioned::transport::{Connector, TcpConnector};
+    // No proxy from the environment, no redirects (the token goes to TUNL_API only), error statuses
+    // as responses (their JSON text is shown), one deadline for the whole request.
+    let config = ureq::Agent::config_builder()
         .https_only(true)
-        .user_agent(&format!("linbit-tunl/{}", crate::cli::VERSION))
+        .max_redirects(0)
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(timeout))
+        .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+        .user_agent(format!("linbit-tunl/{}", crate::cli::VERSION))
         .build();
+    let connector = ().chain(TcpConnector::default()).chain(tls_connector::Rustls(Arc::new(tls)));
+    let agent = ureq::Agent::with_parts(config, connector, ureq::unversioned::resolver::DefaultResolver::default());
     let body = json::encode_object(&[
         ("session_id", session_id),
         ("token", token),
@@ -323,24 +424,26 @@ fn request_with(
         ("host", host),
     ]);
     let url = format!("{}/api/v1/sign", api.trim_end_matches('/'));
-    let result =
-        agent.post(&url).set("Content-Type", "application/json").set("Accept", "application/json").send_string(&body);
+    let result = agent
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json")
+        .send(body.as_bytes());
     drop(body);
-    match result {
-        Ok(resp) if resp.status() == 200 => {
-            let text = read_body(resp).map_err(SignError::Bad)?;
+    let resp = result.map_err(|e| classify_transport(&e))?;
+    let code = resp.status().as_u16();
+    match code {
+        200 => {
+            let text = read_body(resp.into_body()).map_err(SignError::Bad)?;
             certificate_from_body(&text, token)
         }
-        Ok(resp) => {
-            // Redirects are off, so 1xx/2xx/3xx other than 200 end up here.
-            Err(SignError::Bad(format!("unexpected HTTP status {}", resp.status())))
-        }
-        Err(ureq::Error::Status(code, resp)) => {
-            let retry_after = resp.header("Retry-After").map(str::to_string);
-            let text = read_body(resp).unwrap_or_default();
+        // Redirects are not followed, so 1xx/2xx/3xx other than 200 end up here.
+        100..=399 => Err(SignError::Bad(format!("unexpected HTTP status {code}"))),
+        _ => {
+            let retry_after = resp.headers().get("Retry-After").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let text = read_body(resp.into_body()).unwrap_or_default();
             Err(classify_status(code, &text, retry_after.as_deref(), session_id, token))
         }
-        Err(ureq::Error::Transport(t)) => Err(classify_transport(&t)),
     }
 }
 
@@ -652,6 +755,60 @@ mod tests {
         }
     }
 
+    /// A TCP peer that does `what` with the first connection: answers the ClientHello with the given
+    /// bytes (then closes), or holds the connection open and silent until the client gives up.
+    fn raw_peer(answer: Option<&'static [u8]>) -> (u16, std::thread::JoinHandle<()>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let (mut sock, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf);
+            match answer {
+                Some(bytes) => {
+                    let _ = sock.write_all(bytes);
+                }
+                // Silent until the client hangs up (its deadline), then done.
+                None => while matches!(sock.read(&mut buf), Ok(n) if n > 0) {},
+            }
+        });
+        (port, h)
+    }
+
+    /// F25: once TCP is connected, a TLS failure is fatal (Untrusted), never the quiet fallback to
+    /// keyboard-interactive; only "nothing answered" (refused, dropped, silent) is Unreachable.
+    #[test]
+    fn tls_failures_after_connect_are_fatal() {
+        let ask = |port: u16, secs: u64| {
+            let api = format!("https://127.0.0.1:{port}");
+            request_certificate(&api, "a-b-c-d", "123456", "ssh-ed25519 AAAA", "h", Duration::from_secs(secs))
+        };
+        // A fatal handshake_failure alert, as an on-path attacker would inject it.
+        let (port, h) = raw_peer(Some(b"\x15\x03\x03\x00\x02\x02\x28"));
+        match ask(port, 10) {
+            Err(SignError::Untrusted(m)) => assert!(m.contains("TLS") && !m.contains("123456"), "{m}"),
+            other => panic!("alert: {other:?}"),
+        }
+        h.join().unwrap();
+        // Something that is not TLS at all on the HTTPS port.
+        let (port, h) = raw_peer(Some(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"));
+        assert!(matches!(ask(port, 10), Err(SignError::Untrusted(_))), "plain HTTP answer");
+        h.join().unwrap();
+        // Closed without a word: nothing answered.
+        let (port, h) = raw_peer(Some(b""));
+        assert!(matches!(ask(port, 10), Err(SignError::Unreachable(_))), "closed");
+        h.join().unwrap();
+        // Accepted but silent: the deadline holds and it counts as nothing answered.
+        let (port, h) = raw_peer(None);
+        let t = std::time::Instant::now();
+        match ask(port, 2) {
+            Err(SignError::Unreachable(m)) => assert!(m.contains("timed out"), "{m}"),
+            other => panic!("silent: {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        h.join().unwrap();
+    }
+
     /// A throwaway TLS CA and a leaf for 127.0.0.1 signed by it, made with the openssl tool (webpki
     /// refuses a self-signed CA certificate used as the server's own). `None` without openssl.
     fn tls_material(d: &Path) -> Option<()> {
@@ -805,6 +962,15 @@ mod tests {
         let (port, h) = serve_once(&d, http("200 OK", "", "<html>hello</html>"));
         assert!(matches!(ask(port, true), Err(SignError::Bad(_))));
         let _ = h.join();
+        // The size cap: a body one byte over the JSON limit is refused, not truncated.
+        let big = format!("{{\"certificate\":\"{}\"}}", "A".repeat(json::MAX_INPUT));
+        let (port, h) = serve_once(&d, http("200 OK", "", &big));
+        assert!(matches!(ask(port, true), Err(SignError::Bad(m)) if m.contains("too large")));
+        let _ = h.join();
+        // Plain http is never used, whatever TUNL_API says.
+        let tls = tls_config(None, None).unwrap();
+        let plain = request_with(tls, "http://127.0.0.1:1", "a-b-c-d", "123456", "k", "h", Duration::from_secs(5));
+        assert!(matches!(plain, Err(SignError::Setup(_))), "{plain:?}");
 
         let empty = d.join("empty.pem");
         std::fs::write(&empty, "").unwrap();
