@@ -44,7 +44,7 @@ use crate::sessiondir::write_private as create_exclusive;
 
 /// Replace `path` atomically: exclusive create of a sibling temporary file, then rename over. Readers
 /// (ssh on reconnect) see either the old or the new file, never a torn one.
-fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+pub fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -537,6 +537,24 @@ pub fn write_askpass(dir: &Path, secret: &str) -> Result<(), String> {
     replace_file(&dir.join(ASKPASS_FILE), script.as_bytes(), 0o700)
 }
 
+/// Before a reconnect: must `askpass.sh` now answer with the session ID? Always on a resume that
+/// uses keyboard-interactive (the first answer may have been the token, which is spent), and when
+/// the certificate has less than `REUSE_MARGIN_SECS` left. `Some(reason)` for the log.
+pub fn reconnect_with_session_id(
+    resume: bool,
+    path: crate::ssh::AuthPath,
+    cert_path: &Path,
+    now_unix: u64,
+) -> Option<&'static str> {
+    use crate::ssh::AuthPath;
+    match path {
+        _ if !resume => None,
+        AuthPath::KeyboardInteractive => Some("resuming"),
+        AuthPath::Cert if !cert_still_valid(cert_path, now_unix) => Some("certificate expired"),
+        AuthPath::Cert => None,
+    }
+}
+
 /// On reconnect: is the stored certificate still good for at least `REUSE_MARGIN_SECS`?
 pub fn cert_still_valid(cert_path: &Path, now_unix: u64) -> bool {
     let mut text = String::new();
@@ -664,6 +682,23 @@ mod tests {
         assert!(!cert_still_valid(&p, NOW + 3600 - 60));
         assert!(!cert_still_valid(&p, NOW - 60 - 301));
         assert!(!cert_still_valid(&d.join("missing"), NOW));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn reconnects_never_answer_with_the_token() {
+        use crate::ssh::AuthPath;
+        let d = tmpdir("reconnect");
+        let ca = key();
+        let me = key();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        write_cert(&d, &cert(&ca, me.public_key(), CertType::User, now - 60, now + 3600, &["tunl"])).unwrap();
+        let c = d.join(CERT_FILE);
+        assert_eq!(reconnect_with_session_id(false, AuthPath::KeyboardInteractive, &c, now), None);
+        assert_eq!(reconnect_with_session_id(false, AuthPath::Cert, &c, now + 7200), None);
+        assert!(reconnect_with_session_id(true, AuthPath::KeyboardInteractive, &c, now).is_some());
+        assert_eq!(reconnect_with_session_id(true, AuthPath::Cert, &c, now), None);
+        assert!(reconnect_with_session_id(true, AuthPath::Cert, &c, now + 3600).is_some());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

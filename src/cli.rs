@@ -41,6 +41,8 @@ pub struct Config {
     pub session_id: String,
     pub case: String,
     pub token: Option<String>,
+    /// `--token -`: the launcher asks for the token (terminal without echo, or one line of stdin).
+    pub ask_token: bool,
     /// The account support logs in as through the tunnel.
     pub user: String,
     pub mode: Mode,
@@ -102,7 +104,9 @@ Arguments:
 
 Options:
   --case CASE          support case number or short description (shown to support)
-  --token TOKEN        six-digit pre-registration token for certificate signing
+  --token TOKEN        six-digit pre-registration token for certificate signing; `--token -`
+                       asks for it (not echoed) and TUNL_TOKEN gives it: both keep it out of
+                       the process list, where --token TOKEN is visible to every local user
   --user USER          account support logs in as through the tunnel (default: $USER or $LOGNAME)
   --restricted         watch-only: support can see and chat, not type or request a tunnel
   --tunnel             open the reverse tunnel at start and grant requests without a popup;
@@ -114,6 +118,7 @@ Options:
   -V, --version        print the version and exit
 
 Environment:
+  TUNL_TOKEN            the token, instead of --token (sudo --preserve-env=TUNL_TOKEN ...)
   TUNL_RELAY            relay hostname (default tunl.linbit.com)
   TUNL_RELAY_PORT       relay SSH port (default 22)
   TUNL_USER             SSH user on the relay (default tunl)
@@ -142,7 +147,7 @@ pub fn valid_session_id(s: &str) -> bool {
         && words.iter().all(|w| !w.is_empty() && w.len() <= 32 && w.bytes().all(|b| b.is_ascii_lowercase()))
 }
 
-fn valid_token(s: &str) -> bool {
+pub fn valid_token(s: &str) -> bool {
     s.len() == 6 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
@@ -197,12 +202,43 @@ pub fn printable(s: &str) -> String {
     s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
+/// Not a variable: the name of the effective user from /etc/passwd, which `environment` adds so
+/// that cron jobs, `su -c` and systemd units (no `$USER`, no `$LOGNAME`) get the default `id -un`
+/// would give.
+pub const EFFECTIVE_USER: &str = "(effective user)";
+
 /// Read the environment that matters, so `parse` stays pure.
 pub fn environment() -> Vec<(String, String)> {
-    std::env::vars_os()
+    let mut env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
         .filter(|(k, _)| k.starts_with("TUNL_") || k == "USER" || k == "LOGNAME" || k == "HOME" || k == "TMUX")
-        .collect()
+        .collect();
+    let euid = rustix::process::geteuid().as_raw();
+    if let Some(name) = std::fs::read_to_string("/etc/passwd").ok().and_then(|pw| user_of_uid(&pw, euid)) {
+        env.push((EFFECTIVE_USER.to_string(), name));
+    }
+    env
+}
+
+/// The first account with this uid in passwd(5) text. (A static binary has no NSS; an account only
+/// in LDAP is found through `$USER`, or named with `--user`.)
+pub fn user_of_uid(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && !f[0].is_empty() && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[0].to_string())
+    })
+}
+
+/// The token as typed at the prompt or piped in: one line of six digits.
+pub fn token_from_line(line: &str) -> Result<String, CliError> {
+    let t = line.trim();
+    if t.is_empty() {
+        return err("--token -: no token was entered");
+    }
+    if !valid_token(t) {
+        return err("--token -: expected exactly six digits, as given by LINBIT support");
+    }
+    Ok(t.to_string())
 }
 
 fn getenv<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -276,6 +312,15 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
             printable(&session_id)
         ));
     }
+    let ask_token = token.as_deref() == Some("-");
+    if ask_token {
+        token = None;
+    } else if token.is_none() {
+        token = getenv(env, "TUNL_TOKEN").filter(|v| !v.is_empty()).map(str::to_string);
+        if token.as_deref().is_some_and(|t| !valid_token(t)) {
+            return err("TUNL_TOKEN: expected exactly six digits, as given by LINBIT support");
+        }
+    }
     if let Some(t) = &token {
         if !valid_token(t) {
             return err("--token: expected exactly six digits, as given by LINBIT support");
@@ -293,14 +338,26 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
     let user = match user {
         Some(u) => u,
         None => {
-            match getenv(env, "USER").filter(|v| !v.is_empty()).or(getenv(env, "LOGNAME").filter(|v| !v.is_empty())) {
+            let named = |k: &str| getenv(env, k).filter(|v| !v.is_empty());
+            match named("USER").or(named("LOGNAME")).or(named(EFFECTIVE_USER)) {
                 Some(u) => u.to_string(),
-                None => return err("cannot tell the user name: set --user USER (neither $USER nor $LOGNAME is set)"),
+                None => {
+                    return err("cannot tell the user name: set --user USER (no $USER, no $LOGNAME, and this user \
+                         is not in /etc/passwd)");
+                }
             }
         }
     };
     if !valid_user(&user) {
         return err(format!("--user: '{}' is not a valid user name", printable(&user)));
+    }
+    // It travels in the hello as a protocol token; `$` (machine accounts) is not one.
+    if !user.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c)) {
+        return err(format!(
+            "--user: '{}' cannot be used for the tunnel: the relay accepts only letters, digits, '.', '_' \
+             and '-' in the account name (the default is $USER or $LOGNAME)",
+            printable(&user)
+        ));
     }
 
     let (mut target_host, mut target_port) = (env_or(env, "TUNL_TARGET_HOST", "localhost").to_string(), 22);
@@ -375,6 +432,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
         session_id,
         case,
         token,
+        ask_token,
         user,
         mode,
         attach,
@@ -458,6 +516,7 @@ impl Config {
             session_id: get("session_id")?,
             case: get("case")?,
             token: Some(get("token")?).filter(|t| !t.is_empty()),
+            ask_token: false,
             user: get("user")?,
             mode: Mode::parse(&get("mode")?).ok_or("daemon.conf: bad mode")?,
             attach: get("attach")? == "1",
@@ -615,6 +674,67 @@ mod tests {
         assert!(!plain.attach && plain.tmux_socket.is_none(), "an ordinary tmux does not imply --attach");
         let inside = with_tmux("/tmp/linbit-tunl-0123456789ab/tmux.sock,99,0", &["swift-fox-jumps-barrel"]);
         assert!(inside.attach, "inside a linbit-tunl session --attach is automatic");
+    }
+
+    #[test]
+    fn token_sources() {
+        let with = |extra: &[(&str, &str)], args: &[&str]| {
+            let mut e = env();
+            e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            parse(args.iter().map(OsString::from), &e)
+        };
+        let id = "swift-fox-jumps-barrel";
+        let c = |r: Result<Action, CliError>| match r {
+            Ok(Action::Run(c)) => *c,
+            other => panic!("{other:?}"),
+        };
+        // From the environment, so it is on no command line.
+        let t = c(with(&[("TUNL_TOKEN", "135790")], &[id]));
+        assert_eq!((t.token.as_deref(), t.ask_token), (Some("135790"), false));
+        // `--token -` asks for it; nothing is taken from argv.
+        let t = c(with(&[], &["--token", "-", id]));
+        assert_eq!((t.token.as_deref(), t.ask_token), (None, true));
+        let t = c(with(&[("TUNL_TOKEN", "135790")], &["--token=-", id]));
+        assert_eq!((t.token.as_deref(), t.ask_token), (None, true));
+        // The command line wins over the environment; an empty variable is no token.
+        let t = c(with(&[("TUNL_TOKEN", "135790")], &["--token", "246802", id]));
+        assert_eq!(t.token.as_deref(), Some("246802"));
+        assert_eq!(c(with(&[("TUNL_TOKEN", "")], &[id])).token, None);
+        let e = with(&[("TUNL_TOKEN", "12345")], &[id]).unwrap_err();
+        assert!(e.0.starts_with("TUNL_TOKEN:") && !e.0.contains("12345"), "{e}");
+        assert_eq!(token_from_line("424242\n"), Ok("424242".to_string()));
+        assert_eq!(token_from_line(" 424242 \r\n"), Ok("424242".to_string()));
+        for bad in ["", "\n", "42424\n", "4242421\n", "abcdef\n"] {
+            assert!(token_from_line(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn user_names_that_cannot_reach_the_relay_are_refused_at_once() {
+        // The account name travels in the hello as a protocol token: a `$` would fail only later,
+        // after tmux, the recording and the session directory exist.
+        let e = run(&["--user", "machine$", "swift-fox-jumps-barrel"]).unwrap_err();
+        assert!(e.0.starts_with("--user: 'machine$'"), "{e}");
+        let mut env = env();
+        env[0].1 = "machine$".into();
+        let e = parse([OsString::from("swift-fox-jumps-barrel")], &env).unwrap_err();
+        assert!(e.0.contains("machine$") && e.0.contains("--user"), "{e}");
+    }
+
+    #[test]
+    fn without_user_or_logname_the_effective_user_is_asked() {
+        let env = vec![(EFFECTIVE_USER.to_string(), "backup".to_string()), ("HOME".into(), "/var/backups".into())];
+        let c = match parse([OsString::from("swift-fox-jumps-barrel")], &env).unwrap() {
+            Action::Run(c) => *c,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(c.user, "backup");
+        assert!(parse([OsString::from("swift-fox-jumps-barrel")], &[]).is_err());
+        assert_eq!(
+            user_of_uid("root:x:0:0:root:/root:/bin/sh\nbackup:x:34:34::/var/backups:/bin/sh\n", 34).as_deref(),
+            Some("backup")
+        );
+        assert_eq!(user_of_uid("root:x:0:0:root:/root:/bin/sh\n", 34), None);
     }
 
     #[test]

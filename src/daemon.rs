@@ -256,16 +256,19 @@ impl Daemon {
             Err(e) => return self.fatal(&e),
         };
         let cert = self.dir.file("sharekey").join(auth::CERT_FILE);
-        if resume && matches!(self.auth, ssh::AuthPath::Cert) && !auth::cert_still_valid(&cert, now_unix()) {
-            // The relay remembers a resumed session: the session ID is enough, never the token again.
-            let _ = std::fs::remove_file(self.dir.file("askpass.sh"));
+        if let Some(why) = auth::reconnect_with_session_id(resume, self.auth, &cert, now_unix()) {
+            // The relay remembers a resumed session: the session ID is enough, never the token again
+            // (a token is spent once, also when it answered keyboard-interactive the first time).
             if let Err(e) = auth::write_askpass(&self.dir.path, &self.cfg.session_id) {
                 self.log.line(&e);
             }
             self.auth = ssh::AuthPath::KeyboardInteractive;
-            self.log.line("certificate expired: reconnecting with keyboard-interactive and the session ID");
+            self.log.line(&format!("{why}: reconnecting with keyboard-interactive and the session ID"));
         }
-        let mut cmd = ssh::master_command(&self.cfg, &self.dir.path, self.auth, &hello);
+        let mut cmd = match ssh::master_command(&self.cfg, &self.dir.path, self.auth, &hello) {
+            Ok(c) => c,
+            Err(e) => return self.fatal(&e),
+        };
         let _ = std::fs::remove_file(self.dir.file("ssh-ctl.sock"));
         self.sshlog.line(&format!("connect {}:{} resume={}", self.cfg.relay, self.cfg.relay_port, resume as u8));
         match proc::spawn(&mut cmd, true) {

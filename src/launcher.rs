@@ -17,7 +17,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(12);
 const SIGN_RETRIES: u32 = 3;
 
 fn say(msg: &str) {
-    eprintln!("linbit-tunl: {msg}");
+    crate::say(msg);
 }
 
 /// Exit status for a signal that interrupted the set-up.

@@ -58,11 +58,72 @@ fn base_command() -> Command {
     cmd
 }
 
-/// The master connection: `ssh ... -T RELAY HELLO` with stdin/stdout/stderr piped (protocol lines in
-/// and out, diagnostics on stderr for `ssh.log`), in its own session without a controlling terminal.
-pub fn master_command(cfg: &Config, dir: &Path, auth: AuthPath, hello: &str) -> Command {
+/// The session's own ssh configuration (0600): it carries the hello as `RemoteCommand`.
+pub const CONFIG_FILE: &str = "ssh_config";
+
+/// `RemoteCommand` came with OpenSSH 7.6; older clients refuse the keyword.
+const REMOTE_COMMAND_SINCE: (u32, u32) = (7, 6);
+
+/// `(major, minor)` from `ssh -V` (`OpenSSH_9.2p1 Debian-2, OpenSSL 3.0.11 ...`, on stderr).
+pub fn parse_openssh_version(text: &str) -> Option<(u32, u32)> {
+    let rest = &text[text.find("OpenSSH_")? + "OpenSSH_".len()..];
+    let (major, rest) = rest.split_once('.')?;
+    let minor: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The installed OpenSSH client's version, asked once per process.
+pub fn openssh_version() -> Option<(u32, u32)> {
+    static V: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        let out = Command::new("ssh").arg("-V").stdin(Stdio::null()).output().ok()?;
+        parse_openssh_version(&String::from_utf8_lossy(&out.stderr))
+            .or_else(|| parse_openssh_version(&String::from_utf8_lossy(&out.stdout)))
+    })
+}
+
+/// `ssh_config` text whose only setting is `RemoteCommand HELLO`. ssh expands `%` tokens there, so
+/// the percent-encoded `case` is written with `%%`; a hello is one line of protocol tokens.
+pub fn remote_command_config(hello: &str) -> Result<String, String> {
+    if hello.is_empty() || hello.chars().any(|c| c.is_control() || !c.is_ascii()) {
+        return Err("the hello is not one line of ASCII".to_string());
+    }
+    Ok(format!(
+        "# linbit-tunl: the hello (it names the session) travels here, not on ssh's command line.\n\
+         RemoteCommand {}\n",
+        hello.replace('%', "%%")
+    ))
+}
+
+/// The master connection with stdin/stdout/stderr piped (protocol lines in and out, diagnostics on
+/// stderr for `ssh.log`), in its own session without a controlling terminal.
+///
+/// The hello names the session, and the session ID is the keyboard-interactive and resume
+/// credential, so it must not sit in ssh's argv (world-readable in /proc) for hours: from OpenSSH
+/// 7.6 on it goes into `DIR/ssh_config` (0600) as `RemoteCommand`, and that file replaces
+/// `-F /dev/null` (it holds nothing else, so no user or system configuration applies either). Older
+/// clients have no `RemoteCommand`: there the hello stays the last argument (docs/architecture.md).
+pub fn master_command(cfg: &Config, dir: &Path, auth: AuthPath, hello: &str) -> Result<Command, String> {
+    let remote_command = openssh_version().is_some_and(|v| v >= REMOTE_COMMAND_SINCE);
+    master_command_for(cfg, dir, auth, hello, remote_command)
+}
+
+fn master_command_for(
+    cfg: &Config,
+    dir: &Path,
+    auth: AuthPath,
+    hello: &str,
+    remote_command: bool,
+) -> Result<Command, String> {
     let keydir = dir.join("sharekey");
-    let mut cmd = base_command();
+    let mut cmd = Command::new("ssh");
+    if remote_command {
+        let path = dir.join(CONFIG_FILE);
+        auth::replace_file(&path, remote_command_config(hello)?.as_bytes(), 0o600)?;
+        cmd.arg("-F").arg(path);
+    } else {
+        cmd.arg("-F").arg("/dev/null");
+    }
     cmd.arg("-p").arg(cfg.relay_port.to_string()).arg("-l").arg(&cfg.relay_user);
     opt(&mut cmd, "ControlMaster=yes");
     path_opt(&mut cmd, "ControlPath", &control_path(dir));
@@ -112,7 +173,10 @@ pub fn master_command(cfg: &Config, dir: &Path, auth: AuthPath, hello: &str) -> 
     opt(&mut cmd, "LogLevel=VERBOSE");
     cmd.arg("-T");
     // `--` ends ssh's options, so neither host nor hello can ever be read as one.
-    cmd.arg("--").arg(&cfg.relay).arg(hello);
+    cmd.arg("--").arg(&cfg.relay);
+    if !remote_command {
+        cmd.arg(hello);
+    }
 
     cmd.env_remove("SSH_AUTH_SOCK");
     match auth {
@@ -131,7 +195,7 @@ pub fn master_command(cfg: &Config, dir: &Path, auth: AuthPath, hello: &str) -> 
     }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     detach_from_terminal(&mut cmd);
-    cmd
+    Ok(cmd)
 }
 
 /// Run the child in a new session (`setsid()` between fork and exec), so it has no controlling
@@ -327,6 +391,7 @@ pub fn parse_if_inet6(text: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use std::ffi::OsString;
+    use std::os::unix::fs::PermissionsExt;
 
     fn cfg() -> Config {
         let env = vec![("USER".to_string(), "root".to_string()), ("HOME".to_string(), "/root".to_string())];
@@ -377,7 +442,7 @@ mod tests {
     fn master_args() {
         let c = cfg();
         let dir = Path::new("/tmp/linbit-tunl-0123456789ab");
-        let cmd = master_command(&c, dir, AuthPath::Cert, "linbit-tunl/1 id=x");
+        let cmd = master_command_for(&c, dir, AuthPath::Cert, "linbit-tunl/1 id=x", false).unwrap();
         let a = args(&cmd);
         assert_eq!(&a[..2], ["-F", "/dev/null"]);
         assert_eq!(&a[a.len() - 3..], ["--", "tunl.linbit.com", "linbit-tunl/1 id=x"]);
@@ -401,7 +466,7 @@ mod tests {
 
         let mut c2 = c.clone();
         c2.compress = false;
-        let cmd = master_command(&c2, dir, AuthPath::KeyboardInteractive, "h");
+        let cmd = master_command_for(&c2, dir, AuthPath::KeyboardInteractive, "h", false).unwrap();
         let a = args(&cmd);
         assert!(has_opt(&a, "PreferredAuthentications=keyboard-interactive"));
         assert!(has_opt(&a, "NumberOfPasswordPrompts=1"));
@@ -411,6 +476,20 @@ mod tests {
         assert!(envs.iter().any(|(k, v)| *k == "SSH_ASKPASS"
             && v.map(|v| v.to_string_lossy().into_owned()) == Some(format!("{}/askpass.sh", dir.display()))));
         assert!(envs.iter().any(|(k, v)| *k == "SSH_ASKPASS_REQUIRE" && *v == Some("force".as_ref())));
+    }
+
+    #[test]
+    fn remote_command_text() {
+        assert_eq!(parse_openssh_version("OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.15 3 Sep 2024"), Some((9, 2)));
+        assert_eq!(parse_openssh_version("OpenSSH_7.4p1, OpenSSL 1.0.2k-fips  26 Jan 2017"), Some((7, 4)));
+        assert_eq!(parse_openssh_version("OpenSSH_10.0p2"), Some((10, 0)));
+        assert_eq!(parse_openssh_version("Sun_SSH_1.1"), None);
+        assert!((7, 4) < REMOTE_COMMAND_SINCE && (7, 6) >= REMOTE_COMMAND_SINCE && (10, 0) > REMOTE_COMMAND_SINCE);
+        let t = remote_command_config("linbit-tunl/1 id=a-b-c-d case=x%20y").unwrap();
+        assert!(t.ends_with("\nRemoteCommand linbit-tunl/1 id=a-b-c-d case=x%%20y\n"), "{t}");
+        assert_eq!(t.lines().filter(|l| !l.starts_with('#')).count(), 1, "{t}");
+        assert!(remote_command_config("a\nProxyCommand x").is_err());
+        assert!(remote_command_config("").is_err());
     }
 
     #[test]
@@ -483,10 +562,25 @@ mod tests {
             return;
         }
         let c = cfg();
-        let dir = Path::new("/tmp/linbit-tunl-test-nonexistent");
-        for auth in [AuthPath::Cert, AuthPath::KeyboardInteractive] {
-            let m = master_command(&c, dir, auth, "linbit-tunl/1 id=x");
+        let tmp = std::env::temp_dir().join(format!("tunl-ssh-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).unwrap();
+        let dir = tmp.as_path();
+        let hello = "linbit-tunl/1 id=swift-fox-jumps-barrel case=a%20b%25 resume=0";
+        for (auth, rc) in [(AuthPath::Cert, false), (AuthPath::KeyboardInteractive, false), (AuthPath::Cert, true)] {
+            if rc && openssh_version().is_none_or(|v| v < REMOTE_COMMAND_SINCE) {
+                eprintln!("ssh older than 7.6: RemoteCommand not checked");
+                continue;
+            }
+            let m = master_command_for(&c, dir, auth, hello, rc).unwrap();
             let mut a = args(&m);
+            // The hello is on the command line only where ssh has no RemoteCommand.
+            assert_eq!(a.iter().any(|x| x.contains("swift-fox")), !rc, "{a:?}");
+            if rc {
+                assert_eq!(&a[..2], ["-F".to_string(), dir.join(CONFIG_FILE).display().to_string()]);
+                let mode = std::fs::metadata(dir.join(CONFIG_FILE)).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
             a.insert(0, "-G".to_string());
             let out = Command::new("ssh").args(&a).stdin(Stdio::null()).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
@@ -496,7 +590,13 @@ mod tests {
                 "{text}"
             );
             assert!(text.contains(&format!("\nport {}\n", c.relay_port)) && text.contains("\nuser tunl\n"), "{text}");
+            if rc {
+                // ssh reads the hello back exactly, `%` escapes undone.
+                assert!(text.contains(&format!("\nremotecommand {hello}\n")), "{text}");
+            }
         }
+        std::fs::remove_dir_all(&tmp).unwrap();
+        let dir = Path::new("/tmp/linbit-tunl-test-nonexistent");
         for m in [forward_command(dir, "::1", 22), cancel_command(dir, "localhost", 22), exit_command(dir)] {
             let mut a: Vec<String> = args(&m).into_iter().filter(|x| x != "-O").collect();
             // -G cannot be combined with -O; drop the control verb, keep every other option.

@@ -52,6 +52,7 @@ fn bad_arguments_are_refused_without_side_effects() {
     refused(&["--target", "::1:22", "cli-test-three-a"], &[], "--target");
     refused(&["--user", "no body", "cli-test-four-a"], &[], "--user");
     refused(&["--user", "-rf", "cli-test-four-a"], &[], "--user");
+    refused(&["--user", "machine$", "cli-test-four-a"], &[], "--user");
     refused(&["--case", "a\x1b[2Jb", "cli-test-five-a"], &[], "control characters");
     refused(&["--case", &"x".repeat(201), "cli-test-five-a"], &[], "--case");
     refused(&["--restricted", "--tunnel", "cli-test-six-a"], &[], "contradict");
@@ -70,9 +71,60 @@ fn bad_environment_is_refused_without_side_effects() {
     refused(&[id], &[("TUNL_API", "http://tunl.linbit.com")], "TUNL_API");
     refused(&[id], &[("TUNL_API", "tunl.linbit.com")], "TUNL_API");
     refused(&[id], &[("TUNL_RELAY_CA_PUBKEY", "ssh-ed25519 notbase64")], "TUNL_RELAY_CA_PUBKEY");
-    refused(&[id], &[("USER", ""), ("LOGNAME", "")], "--user");
     // F22: the launcher and the daemon run in different directories; a relative path means two files.
     refused(&[id], &[("TUNL_AUTHKEYS_FILE", "keys/authorized_keys")], "TUNL_AUTHKEYS_FILE");
+    // Without $USER and $LOGNAME (cron, `su -c`, a systemd unit) the effective user is the default,
+    // as `id -un` says: the user check passes and the next refusal is the API's.
+    refused(&[id], &[("USER", ""), ("LOGNAME", ""), ("TUNL_API", "http://x")], "TUNL_API");
+    refused(&[id], &[("TUNL_TOKEN", "12345")], "TUNL_TOKEN");
+}
+
+/// A user name that the hello cannot carry (`machine$`) is refused with the other arguments: one
+/// line naming --user, before a session directory, a tmux server or a recording exists.
+#[test]
+fn a_user_the_relay_cannot_take_is_refused_up_front() {
+    let rec = std::env::temp_dir().join(format!("tunl-cli-rec-{}", std::process::id()));
+    std::fs::create_dir_all(&rec).unwrap();
+    let r = rec.display().to_string();
+    for mode in [&[][..], &["--tunnel"], &["--restricted"]] {
+        let mut args = mode.to_vec();
+        args.extend(["--user", "machine$", "cli-test-user-a"]);
+        refused(&args, &[("TUNL_RECORDING_DIR", &r)], "--user: 'machine$'");
+    }
+    refused(&["cli-test-user-a"], &[("USER", "machine$"), ("TUNL_RECORDING_DIR", &r)], "machine$");
+    assert!(std::fs::read_dir(&rec).unwrap().next().is_none(), "a recording was created");
+    std::fs::remove_dir_all(&rec).unwrap();
+}
+
+/// A closed or full stdout/stderr ends with one of the manual's statuses (0 or 1), never a panic's
+/// SIGABRT (134).
+#[test]
+fn closed_or_full_output_is_not_a_crash() {
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let plain = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap()).env("USER", "root");
+        c
+    };
+    // `linbit-tunl --help | head -1`: the reader is gone before we write.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = plain(&["--help"]).stdout(writer).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `--version >/dev/full`: said on stderr, status 1.
+    for flag in ["--version", "--help"] {
+        let out = plain(&[flag]).stdout(full()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("cannot write to standard output"), "{err}");
+    }
+    // A bad option with stderr on a full device: the line is lost, the status is still 1.
+    let out = plain(&["--no-such-option"]).stderr(full()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = plain(&["--no-such-option"]).stderr(std::process::Stdio::null()).stdout(full()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
 }
 
 #[test]

@@ -339,3 +339,162 @@ fn sigterm_while_connecting_leaves_nothing_behind() {
     assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
     drop(conn);
 }
+
+/// Every process below `root` (its children, theirs, ...): pid, command line (NULs as spaces) and
+/// environment block.
+fn descendants(root: u32) -> Vec<(u32, String, Vec<u8>)> {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let Some(ppid) = stat.rfind(')').and_then(|i| stat[i + 2..].split(' ').nth(1)?.parse::<u32>().ok()) else {
+            continue;
+        };
+        parent.insert(pid, ppid);
+    }
+    let below = |mut p: u32| {
+        while let Some(&pp) = parent.get(&p) {
+            if pp == root {
+                return true;
+            }
+            if pp <= 1 {
+                return false;
+            }
+            p = pp;
+        }
+        false
+    };
+    let mut out = Vec::new();
+    for &pid in parent.keys() {
+        if below(pid) {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " "), env));
+        }
+    }
+    out
+}
+
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
+}
+
+/// Assert that nothing the launcher started shows `secrets` on its command line or carries the
+/// token in its environment; returns how many processes were checked.
+fn assert_no_secret_below(launcher: u32, id: &str, token: &str) -> usize {
+    let procs = descendants(launcher);
+    let ssh: Vec<_> = procs.iter().filter(|(_, c, _)| c.starts_with("ssh ")).collect();
+    assert!(!ssh.is_empty(), "no ssh below the launcher: {procs:?}");
+    for (pid, cmd, env) in &procs {
+        assert!(!cmd.contains(id), "the session ID is on the command line of {pid}: {cmd}");
+        assert!(!cmd.contains(token), "the token is on the command line of {pid}: {cmd}");
+        let env = String::from_utf8_lossy(env);
+        assert!(!env.contains(token), "the token is in the environment of {pid}: {cmd}");
+    }
+    procs.len()
+}
+
+/// F14: the hello (which names the session, the keyboard-interactive and resume credential) is in
+/// a 0600 ssh config, not in ssh's argv; a token from TUNL_TOKEN is on no command line and in no
+/// child's environment, on the first connection and after a reconnect.
+#[test]
+fn session_id_and_token_stay_off_command_lines() {
+    let relay = relay();
+    let scratch = Scratch::new("argv");
+    let id = unique_id("argv");
+    let token = "318207";
+    relay.register(&id, Some(token));
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel"], &[("TUNL_TOKEN", token)], &scratch);
+    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.diag()));
+    assert_eq!(conn.hello_field("id"), Some(id.as_str()));
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some(), "{:?}", conn.lines());
+    assert_eq!(relay.sign_requests().len(), 1, "TUNL_TOKEN gives the certificate path");
+    assert_eq!(relay.sign_requests()[0].token, token);
+    let launcher = fg.child.id();
+    assert!(!cmdline(launcher).contains(token));
+    assert_no_secret_below(launcher, &id, token);
+    let conf = session_dir(&id).join("ssh_config");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&conf).unwrap().contains(&format!("RemoteCommand linbit-tunl/1 id={id} ")));
+
+    conn.drop_link();
+    let mut again = relay.accept(secs(15)).unwrap_or_else(|| panic!("no reconnect: {}", fg.diag()));
+    assert_eq!(again.hello_field("resume"), Some("1"));
+    again.welcome(0);
+    assert!(again.wait_verb(secs(10), "STATE").is_some());
+    assert_no_secret_below(launcher, &id, token);
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.stderr_text());
+}
+
+/// `--token -` reads the token from stdin (a terminal gets a prompt without echo); `--token N` is
+/// overwritten in the launcher's own argv, so `ps` shows `xxxxxx` for the rest of the session.
+#[test]
+fn token_from_stdin_and_hidden_from_the_process_list() {
+    let relay = relay();
+    let scratch = Scratch::new("tokin");
+    let id = unique_id("tokin");
+    let token = "246801";
+    relay.register(&id, Some(token));
+    let mut fg =
+        Foreground::start_with_input(&relay, &id, &["--tunnel", "--token", "-"], &[], &scratch, Some(b"246801\n"));
+    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.diag()));
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some());
+    assert_eq!(relay.sign_requests().last().map(|r| r.token.clone()).as_deref(), Some(token));
+    assert!(processes_mentioning(token).is_empty(), "{:?}", processes_mentioning(token));
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.stderr_text());
+
+    let id2 = unique_id("tokargv");
+    let token2 = "246802";
+    relay.register(&id2, Some(token2));
+    let mut fg2 = Foreground::start(&relay, &id2, &["--tunnel", "--token", token2], &[], &scratch);
+    let mut conn2 = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg2.diag()));
+    conn2.welcome(0);
+    assert!(conn2.wait_verb(secs(10), "STATE").is_some());
+    let own = cmdline(fg2.child.id());
+    assert!(own.contains("--token xxxxxx") && !own.contains(token2), "{own}");
+    assert!(processes_mentioning(token2).is_empty(), "{:?}", processes_mentioning(token2));
+    fg2.signal("TERM");
+    assert_eq!(fg2.wait(secs(15)), Some(143), "{}", fg2.stderr_text());
+
+    // A wrong token at the prompt: one line, exit 1, nothing created.
+    let id3 = unique_id("tokbad");
+    let mut fg3 =
+        Foreground::start_with_input(&relay, &id3, &["--tunnel", "--token", "-"], &[], &scratch, Some(b"12\n"));
+    assert_eq!(fg3.wait(secs(10)), Some(1));
+    assert!(fg3.stderr_text().contains("six digits"), "{}", fg3.stderr_text());
+    assert!(!session_dir(&id3).exists());
+}
+
+/// With a token and the signing API down, the first login answers keyboard-interactive with the
+/// token; a relay that spends tokens must still take the reconnect, which answers with the session
+/// ID (protocol.md 8).
+#[test]
+fn reconnect_after_keyboard_interactive_with_the_token_uses_the_session_id() {
+    if !relay_double::ki_supported() {
+        eprintln!("skipped: keyboard-interactive needs root and a writable /etc/pam.d");
+        return;
+    }
+    let relay = Relay::start(RelayOpts { ki: true, api_down: true, ..Default::default() }).unwrap();
+    let scratch = Scratch::new("kire");
+    let id = unique_id("kire");
+    let token = "975310";
+    relay.register(&id, Some(token));
+    let mut fg = Foreground::start(&relay, &id, &["--tunnel"], &[("TUNL_TOKEN", token)], &scratch);
+    let mut conn = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session: {}", fg.diag()));
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some());
+    assert!(fg.stderr_text().contains("unreachable"), "{}", fg.stderr_text());
+    relay.spend_ki_answer(token);
+    conn.drop_link();
+    let mut again = relay.accept(secs(20)).unwrap_or_else(|| panic!("no reconnect: {}", fg.diag()));
+    assert_eq!(again.hello_field("resume"), Some("1"));
+    again.welcome(0);
+    assert!(again.wait_verb(secs(10), "STATE").is_some());
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.stderr_text());
+}

@@ -90,6 +90,18 @@ pub struct Foreground {
 
 impl Foreground {
     pub fn start(relay: &Relay, id: &str, args: &[&str], env: &[(&str, &str)], scratch: &Scratch) -> Foreground {
+        Foreground::start_with_input(relay, id, args, env, scratch, None)
+    }
+
+    /// As `start`, with `input` on stdin (then closed) instead of /dev/null.
+    pub fn start_with_input(
+        relay: &Relay,
+        id: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        scratch: &Scratch,
+        input: Option<&[u8]>,
+    ) -> Foreground {
         let mut c = Command::new(BIN);
         c.args(args).arg(id).env_clear();
         c.env("PATH", path_without_tmux(scratch)).env("USER", relay.user()).env("HOME", scratch.path());
@@ -103,8 +115,12 @@ impl Foreground {
         for (k, v) in env {
             c.env(k, v);
         }
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
+        if let (Some(bytes), Some(mut pipe)) = (input, child.stdin.take()) {
+            std::io::Write::write_all(&mut pipe, bytes).unwrap();
+        }
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();

@@ -369,6 +369,14 @@ impl Relay {
         }
     }
 
+    /// Stops accepting `secret` as a keyboard-interactive answer, as a relay that spends a token on
+    /// its first use does.
+    pub fn spend_ki_answer(&self, secret: &str) {
+        if let Some(kd) = &self.ki_dir {
+            let _ = fs::remove_file(kd.join(util::hex(secret.as_bytes())));
+        }
+    }
+
     /// Marks a registered session as expired (the endpoint answers 410) and no longer accepted by PAM.
     pub fn expire(&self, session_id: &str) {
         let mut sessions = self.state.sessions.lock().unwrap();
