@@ -21,7 +21,9 @@ setup:
     command -v vi >/dev/null || need+=(vim-tiny)
     if [ ${#need[@]} -gt 0 ]; then
         sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
+        # One stale or broken index (a foreign architecture added by cross-setup, a mirror mid-sync)
+        # makes update exit 100 although everything we need is installable: install decides.
+        $sudo apt-get update -qq || echo "setup: apt-get update reported errors; installing from the indexes that loaded" >&2
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
     fi
     rustup target list --installed | grep -qx {{musl}} || rustup target add {{musl}}
