@@ -17,9 +17,9 @@ verdict=ok; [ "$size" -le "$target" ] || verdict=MISS
 printf '%-22s %9d bytes  %s  %s\n' "target" "$target" "$(mb "$target")" "$verdict"
 echo
 echo "biggest contributors (symbol sizes of the unstripped build):"
-nm -S --size-sort -C "$full" | awk '
+nm -S -t d --size-sort -C "$full" | awk '
     NF >= 4 && $3 ~ /^[tTrRdDbB]$/ {
-        size = strtonum("0x" $2)
+        size = $2 + 0
         name = $4; for (i = 5; i <= NF; i++) name = name " " $i
         sub(/^(<|&|\*const |\*mut |dyn |_<)+/, "", name)
         if (name ~ /^ring_core_/ || name ~ /^(GFp|LIMBS|bn_|aes_nohw|ChaCha20|CRYPTO_poly1305|x25519|p256|p384|ecp_nistz256|sha512_block)/) crate = "ring (C/asm)"
