@@ -103,9 +103,10 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
 pub fn render_pam(cfg: &Config, layout: &Layout) -> String {
     format!(
         "# PAM service of the tunl-relay sshd instance only, written by `tunl-relay init`.\n\
-         auth [success=1 default=ignore] pam_succeed_if.so quiet user = {cust}\n\
-         auth requisite pam_deny.so\n\
+         # Only the customers' account answers here (ignore: pam_setcred runs this stack too).\n\
+         auth [success=ok ignore=ignore default=die] pam_succeed_if.so quiet user = {cust}\n\
          auth required pam_exec.so expose_authtok quiet {cmd}\n\
+         auth optional pam_permit.so\n\
          account required pam_permit.so\n\
          session required pam_permit.so\n",
         cust = cfg.customer_user,

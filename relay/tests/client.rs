@@ -1,0 +1,150 @@
+//! The real client against the real relay (init --root, serve, sshd, API, produce, broker): it is
+//! welcomed after a token login and after a keyboard-interactive one; what the relay refuses ends
+//! it with the contract's answer; a certificate kept after its session closed gets `ERROR closed`.
+//! Run as root.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use common::*;
+use tunl_relay::harness::{Relay, wait_until};
+use tunl_relay::registry::{Registry, State};
+
+fn welcomed(client: &Client) -> bool {
+    client.stderr_text().contains("connected to the relay")
+}
+
+#[test]
+fn a_token_login_is_welcomed_and_the_session_goes_live() {
+    let relay = relay();
+    let scratch = Scratch::new("welcome");
+    let (id, token) = relay.create_session("CASE-W", false);
+    let mut client = Client::start(&relay, &id, &["--token", &token], &[], &scratch);
+    assert!(wait_until(secs(60), || welcomed(&client)), "{}\n{}", client.diag(), relay.log_text());
+    let s = relay.registry().get(&id).unwrap().unwrap();
+    assert_eq!(s.state, State::Tunnel, "{s:?}");
+    assert_eq!(s.user, "root");
+
+    // Support closes the session: the client ends orderly (CLOSE -> exit 0).
+    relay.registry().end(&id, "closed", tunl_relay::now()).unwrap();
+    let _ = client.wait(secs(1));
+    drop(client);
+}
+
+#[test]
+fn a_spent_token_ends_the_client_with_the_apis_403() {
+    let relay = relay();
+    let scratch = Scratch::new("spent");
+    let (_key, public) = keypair(scratch.path(), "k");
+    let (id, token) = relay.create_session("CASE-S", false);
+    assert_eq!(post_sign(&relay, &sign_body(&id, &token, &public)).status, 200);
+    let mut client = Client::start(&relay, &id, &["--token", &token], &[], &scratch);
+    assert_eq!(client.wait(secs(60)), Some(1), "{}", client.diag());
+    assert!(client.stderr_text().contains("403"), "{}", client.diag());
+}
+
+#[test]
+fn a_keyboard_interactive_login_is_welcomed() {
+    let relay = relay();
+    let scratch = Scratch::new("kiw");
+    let (id, _token) = relay.create_session("CASE-KIW", false);
+    let client = Client::start(&relay, &id, &[], &[], &scratch);
+    assert!(wait_until(secs(60), || welcomed(&client)), "{}\n{}", client.diag(), relay.log_text());
+    assert!(relay.registry().get(&id).unwrap().unwrap().state.is_live());
+}
+
+#[test]
+fn unknown_expired_and_closed_sessions_end_the_client_with_status_1() {
+    let relay = relay();
+    let reg = relay.registry();
+    let (closed, ctoken) = relay.create_session("CASE-C", false);
+    reg.end(&closed, "closed", tunl_relay::now()).unwrap();
+    let n = tunl_relay::registry::NewSession { expires_minutes: 0, ..Default::default() };
+    let (expired, etoken) = reg.create(&n, tunl_relay::now()).unwrap();
+    for (id, token, says) in [
+        ("unknown-words-for-test", "123456", "404"),
+        (expired.id.as_str(), etoken.as_str(), "410"),
+        (closed.as_str(), ctoken.as_str(), "410"),
+    ] {
+        let scratch = Scratch::new("refused");
+        let mut client = Client::start(&relay, id, &["--token", token], &[], &scratch);
+        assert_eq!(client.wait(secs(60)), Some(1), "{id}: {}", client.diag());
+        assert!(client.stderr_text().contains(says), "{id}: {}", client.diag());
+    }
+}
+
+/// Runs `ssh` with a key and its certificate, sending `hello` as the command; the relay's first line.
+fn first_line(relay: &Relay, scratch: &Scratch, key: &std::path::Path, hello: &str) -> String {
+    let kh = scratch.path().join("known_hosts");
+    std::fs::write(&kh, format!("@cert-authority [127.0.0.1]:{} {}\n", relay.port(), relay.ca_pubkey())).unwrap();
+    let mut child = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "PreferredAuthentications=publickey"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .arg("-o")
+        .arg(format!("CertificateFile={}-cert.pub", key.display()))
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", hello])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        line.trim_end(),
+        if line.is_empty() { String::from_utf8_lossy(&out.stderr).into_owned() } else { String::new() }
+    )
+}
+
+#[test]
+fn a_certificate_kept_after_its_session_ends_gets_the_contracts_error() {
+    let relay = relay();
+    let scratch = Scratch::new("replay");
+    let (key, public) = keypair(scratch.path(), "k");
+    let (id, token) = relay.create_session("CASE-R", false);
+    let a = post_sign(&relay, &sign_body(&id, &token, &public));
+    assert_eq!(a.status, 200, "{a:?}");
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    std::fs::write(format!("{}-cert.pub", key.display()), format!("{}\n", v["certificate"].as_str().unwrap())).unwrap();
+    let hello = |sid: &str| {
+        format!("linbit-tunl/1 id={sid} mode=share host=h user=root ips=10.0.0.1 case= client=0.1 size=80x24 resume=0")
+    };
+
+    // A session ID nobody created.
+    assert!(
+        first_line(&relay, &scratch, &key, &hello("unknown-words-for-test")).starts_with("ERROR code=unknown-session ")
+    );
+    // The session closed: the certificate still logs in, the relay says closed.
+    relay.registry().end(&id, "closed", tunl_relay::now()).unwrap();
+    let got = first_line(&relay, &scratch, &key, &hello(&id));
+    assert!(got.starts_with("ERROR code=closed "), "{got}\n{}", relay.log_text());
+
+    // A pending session that expired meanwhile.
+    let (id2, token2) = relay.create_session("CASE-R2", false);
+    let (key2, public2) = keypair(scratch.path(), "k2");
+    let a = post_sign(&relay, &sign_body(&id2, &token2, &public2));
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    std::fs::write(format!("{}-cert.pub", key2.display()), format!("{}\n", v["certificate"].as_str().unwrap()))
+        .unwrap();
+    relay.registry().expire(tunl_relay::now() + 365 * 86400, 1).unwrap();
+    let got = first_line(&relay, &scratch, &key2, &hello(&id2));
+    assert!(got.starts_with("ERROR code=expired "), "{got}");
+}
