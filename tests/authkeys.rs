@@ -469,3 +469,65 @@ fn keys_left_behind_are_reported_after_tmux_is_gone() {
     assert!(h.contains("could not be removed"), "{h}");
     assert!(h.contains(&line), "the exact line to delete is not shown: {h}");
 }
+
+/// A tiny filesystem of its own for authorized_keys, unmounted on drop.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(at: &Path) -> TinyFs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs"]).arg(at).status();
+        assert!(st.is_ok_and(|s| s.success()), "cannot mount a tmpfs (the test needs root)");
+        TinyFs(at.to_path_buf())
+    }
+    /// Fill it to the last byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = vec![b'x'; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let one = [b'x'; 1];
+        while f.write_all(&one).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The disk holding authorized_keys is full (the rewrite needs room for a whole copy): support's
+/// key is still disabled at the revoke, commented out in place, and the real sshd refuses it.
+#[test]
+fn a_full_disk_still_disables_the_keys() {
+    let bed = Bed::new("akfull");
+    let fs = TinyFs::mount(&bed.scratch.path().join("tiny"));
+    let ak = fs.0.join("authorized_keys");
+    std::fs::write(&ak, format!("{} mine\n", bed.mine.public_line)).unwrap();
+    let target = TargetSshd::start(&ak).expect("target sshd");
+    let ak_s = ak.display().to_string();
+    let id = unique_id("akfull");
+    bed.relay.register(&id, Some(TOKEN));
+    let t = format!("127.0.0.1:{}", target.port);
+    let fg = Foreground::start(
+        &bed.relay,
+        &id,
+        &["--tunnel", "--token", TOKEN, "--target", &t],
+        &[("TUNL_AUTHKEYS_FILE", &ak_s)],
+        &bed.scratch,
+    );
+    let mut conn = bed.relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.diag()));
+    conn.welcome(0);
+    let port = bed.grant(&fg, &mut conn, "z1");
+    assert!(login_from(port, &bed.key, None), "{}", target.log());
+    fs.fill();
+    bed.revoke(&fg, &mut conn);
+    let after = read(&ak);
+    assert!(!login_from(port, &bed.key, None) && !login_from(target.port, &bed.key, None), "{after}");
+    assert!(login_from(target.port, &bed.mine, None), "the customer's key was damaged: {after}");
+    let mut fg = fg;
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.diag());
+}
