@@ -227,7 +227,10 @@ impl Daemon {
         if self.tmux.is_some() {
             let brb = if self.tunnel.brb() { " | BRB" } else { "" };
             let short = format!("relay {link} | viewers {} | tunnel {}{brb}", self.viewers, self.tunnel.state().wire());
-            self.tmux_cmd(&format!("set-option -g @linbit-status {}", tmux::quote(&short)), Pending::Ignore);
+            let f = self.tmux.as_ref().map(|t| t.features).unwrap_or_else(|| tmux::Features::from_version(None));
+            for cmd in ui::status_commands(&f, &self.cfg, &short) {
+                self.tmux_cmd(&cmd, Pending::Ignore);
+            }
         }
     }
 
@@ -555,7 +558,7 @@ impl Daemon {
     }
 
     fn list_panes(&mut self) {
-        self.tmux_cmd("list-panes -s -F '#{pane_id} #{pane_width} #{pane_height} #{@linbit-role}'", Pending::Panes);
+        self.tmux_cmd(&ui::list_panes_command(), Pending::Panes);
     }
 
     fn on_tmux_stdout(&mut self) {
@@ -629,23 +632,7 @@ impl Daemon {
         match pending {
             Pending::Ignore => {}
             Pending::Panes => {
-                let mut found = None;
-                let mut chat = None;
-                for line in &body {
-                    let s = String::from_utf8_lossy(line);
-                    let f: Vec<&str> = s.split(' ').collect();
-                    if f.len() >= 4 && f[3] == "chat" {
-                        chat = f[0].trim_start_matches('%').parse::<u32>().ok();
-                    }
-                    if f.len() >= 4 && f[3] == "shell" {
-                        let id = f[0].trim_start_matches('%').parse::<u32>().ok();
-                        let w = f[1].parse::<u16>().ok();
-                        let h = f[2].parse::<u16>().ok();
-                        if let (Some(id), Some(w), Some(h)) = (id, w, h) {
-                            found = Some((id, w, h));
-                        }
-                    }
-                }
+                let ui::Panes { shell: found, chat } = ui::parse_panes(&body);
                 let Some(t) = &mut self.tmux else { return };
                 t.chat = chat;
                 let Some((id, w, h)) = found else {
@@ -703,7 +690,9 @@ impl Daemon {
                     .and_then(|l| l.split(' ').next().map(str::to_string));
                 match client {
                     Some(c) => {
-                        let target = format!("-c {} ", tmux::quote(&c));
+                        // display-menu names its client with -c, command-prompt with -t.
+                        let flag = if cmd_tail.starts_with("command-prompt") { "-t" } else { "-c" };
+                        let target = format!("{flag} {} ", tmux::quote(&c));
                         let cmd = match cmd_tail.split_once(' ') {
                             Some((verb, rest)) => format!("{verb} {target}{rest}"),
                             None => cmd_tail,
@@ -1031,9 +1020,9 @@ impl Daemon {
             }
             ["respawn"] => {
                 // Ctrl-b L: tmux already re-applied the layout; bring back a chat pane that died.
-                if let Some((shell, chat)) = self.tmux.as_ref().and_then(|t| Some((t.shell?, t.chat))) {
+                if let Some((shell, chat, f)) = self.tmux.as_ref().and_then(|t| Some((t.shell?, t.chat, t.features))) {
                     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
-                    for cmd in ui::reset_layout_commands(shell, chat, &exe, &self.dir.path) {
+                    for cmd in ui::reset_layout_commands(shell, chat, &exe, &self.dir.path, &f) {
                         self.tmux_cmd(&cmd, Pending::Ignore);
                     }
                     self.list_panes();
@@ -1153,6 +1142,7 @@ impl Daemon {
         sock: &std::path::Path,
         session: &str,
         features: tmux::Features,
+        first: &[String],
     ) -> Result<(), String> {
         let mut cmd = Command::new("tmux");
         cmd.arg("-S").arg(sock).env_remove("TMUX").args(["-C", "attach-session"]);
@@ -1160,7 +1150,7 @@ impl Daemon {
             // A control client has no screen: it must never shrink the customer's windows.
             cmd.args(["-f", "ignore-size"]);
         }
-        cmd.args(["-t", &format!("={session}")]);
+        cmd.args(["-t", &features.exact(session)]);
         let p = proc::spawn(&mut cmd, false).map_err(|e| format!("cannot start the tmux control client: {e}"))?;
         let t = TmuxSide {
             p,
@@ -1175,6 +1165,9 @@ impl Daemon {
             eof: false,
         };
         self.tmux = Some(t);
+        for c in first {
+            self.tmux_cmd(c, Pending::Ignore);
+        }
         if features.flow_control {
             // tmux >= 3.2 pauses a pane whose output this client is more than this many seconds
             // behind on, instead of buffering without bound; we resume it and resynchronise.

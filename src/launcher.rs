@@ -339,10 +339,29 @@ fn tmux_at(sock: &Path) -> Command {
     c
 }
 
-/// Run one tmux command and return its trimmed output.
+/// Every tmux call of the launcher but the customer's own `attach-session` is bounded: a tmux client
+/// that cannot talk to its server (another version's server on the socket, a hung server) must not
+/// hang the customer's terminal.
+const TMUX_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run `tmux ARGS` with the deadline; Err names what went wrong (failure text or the timeout).
+fn tmux_run(c: &mut Command) -> Result<String, String> {
+    match crate::proc::run_with_timeout(c, TMUX_TIMEOUT) {
+        Ok(f) if f.status.is_some_and(|s| s.success()) => Ok(String::from_utf8_lossy(&f.stdout).into_owned()),
+        Ok(f) if f.status.is_none() => Err(format!("tmux did not answer within {} s", TMUX_TIMEOUT.as_secs())),
+        Ok(f) => Err(crate::text::neutralize(&f.stderr, 300)),
+        Err(e) => Err(format!("cannot run tmux: {e}")),
+    }
+}
+
+/// Run one tmux command on `sock` and return its trimmed output.
 fn tmux_query(sock: &Path, args: &[&str]) -> Option<String> {
-    let o = tmux_at(sock).args(args).output().ok()?;
-    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    tmux_run(tmux_at(sock).args(args)).ok().map(|s| s.trim().to_string())
+}
+
+/// Run one tmux command on `sock` for its effect; failures are the caller's to ignore.
+fn tmux_do(sock: &Path, args: &[&str]) -> bool {
+    tmux_run(tmux_at(sock).args(args)).is_ok()
 }
 
 /// The window that holds our panes inside the customer's session (`--attach`).
@@ -355,22 +374,28 @@ fn terminal_size() -> (u16, u16) {
     }
 }
 
+/// Review finding F17: tmux runs our binary as root on every hotkey, menu entry and pane start, for
+/// hours. The path the customer started (often their download directory) may be writable by
+/// others, so tmux gets a copy in the root-only session directory instead.
+fn private_copy(dir: &SessionDir) -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
+    let copy = dir.file("linbit-tunl");
+    let bytes = std::fs::read(&me).map_err(|e| format!("cannot read {}: {e}", me.display()))?;
+    sessiondir::write_private(&copy, &bytes, 0o700)
+        .map_err(|e| format!("cannot copy the binary into the session directory: {e}"))?;
+    Ok(copy)
+}
+
 /// Ask tmux whether it accepts the prefix key; fall back to C-b with a warning, as the manual says.
 fn checked_prefix(dir: &SessionDir, prefix: &str) -> String {
     if prefix == "C-b" {
         return prefix.to_string();
     }
     let sock = dir.file("prefix-check.sock");
-    let ok = Command::new("tmux")
-        .args(ui::prefix_check_args(&sock, prefix))
-        .env_remove("TMUX")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    let _ = Command::new("tmux").arg("-S").arg(&sock).arg("kill-server").stderr(Stdio::null()).status();
+    let mut c = Command::new("tmux");
+    c.args(ui::prefix_check_args(&sock, prefix)).env_remove("TMUX");
+    let ok = tmux_run(&mut c).is_ok();
+    tmux_do(&sock, &["kill-server"]);
     let _ = std::fs::remove_file(&sock);
     if ok {
         prefix.to_string()
@@ -381,7 +406,13 @@ fn checked_prefix(dir: &SessionDir, prefix: &str) -> String {
 }
 
 fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
+    let exe = match private_copy(&dir) {
+        Ok(e) => e,
+        Err(e) => {
+            say(&e);
+            return 1;
+        }
+    };
     let features = tmux::Features::installed();
     let sock = tmux_sock(&cfg, &dir);
     let attach = cfg.tmux_socket.is_some();
@@ -407,13 +438,12 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     };
     let end_tmux = |sock: &Path| {
         if attach {
-            let _ = tmux_at(sock).args(["source-file"]).arg(dir.file("keys.restore")).stderr(Stdio::null()).status();
+            restore_bindings(sock, &dir);
             for w in [ATTACH_WINDOW, "linbit-inner"] {
-                let target = format!("={session}:{w}");
-                let _ = tmux_at(sock).args(["kill-window", "-t", &target]).stderr(Stdio::null()).status();
+                tmux_do(sock, &["kill-window", "-t", &format!("{}:{w}", features.exact(&session))]);
             }
         } else {
-            let _ = tmux_at(sock).arg("kill-server").stderr(Stdio::null()).status();
+            tmux_do(sock, &["kill-server"]);
         }
     };
     let fail = |msg: &str| -> u8 {
@@ -430,7 +460,7 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         if let Some(p) = tmux_query(&sock, &["show-options", "-gv", "prefix"]) {
             cfg.prefix = p;
         }
-        if let Err(e) = save_bindings(&sock, &dir) {
+        if let Err(e) = save_bindings(&sock, &dir, &features) {
             return fail(&e);
         }
     }
@@ -441,11 +471,12 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     let mut dconf = std::fs::read_to_string(dir.file("daemon.conf")).unwrap_or_default();
     dconf.push_str(&format!("tmux_session={}\n", crate::cli::pct_encode(&session)));
     dconf.push_str(&format!("prefix_checked={}\n", crate::cli::pct_encode(&cfg.prefix)));
+    let (width, height) = terminal_size();
+    dconf.push_str(&format!("tmux_size={width}x{height}\n"));
     let _ = std::fs::remove_file(dir.file("daemon.conf"));
     if let Err(e) = sessiondir::write_private(&dir.file("daemon.conf"), dconf.as_bytes(), 0o600) {
         return fail(&e);
     }
-    let (width, height) = terminal_size();
     let pane_base = if attach {
         tmux_query(&sock, &["show-options", "-gv", "pane-base-index"]).and_then(|v| v.parse().ok()).unwrap_or(0)
     } else {
@@ -469,13 +500,10 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         if i == 0 && !attach {
             c.arg("-f").arg(dir.file("tmux.conf"));
         }
-        match c.args(&args).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => {
-                let e = crate::text::neutralize(&o.stderr, 300);
-                return fail(&format!("tmux refused to build the session layout: {e}"));
-            }
-            Err(e) => return fail(&format!("cannot run tmux: {e}")),
+        // tmux 1.8 has no new-session -c: the session starts where its client runs.
+        c.current_dir(&cwd);
+        if let Err(e) = tmux_run(c.args(&args)) {
+            return fail(&format!("tmux refused to build the session layout: {e}"));
         }
     }
     log.line("tmux session started; waiting for the daemon to connect");
@@ -546,6 +574,7 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
 /// that a daemon killed outright (SIGKILL, the OOM killer, a watchdog) is noticed within a second and
 /// not only when the customer leaves tmux (F19). None: the daemon died without its `exit` file.
 fn attach_while_daemon_lives(sock: &Path, dir: &SessionDir) -> Option<(u8, String)> {
+    // The customer's terminal, for as long as the session lasts: the one tmux call without a deadline.
     let attach = tmux_at(sock).args(["attach-session", "-t", ui::SESSION]).stdin(Stdio::inherit()).spawn();
     let Ok(mut attach) = attach else { return wait_exit_file(dir) };
     let pid = daemon_pid(&dir.path);
@@ -570,7 +599,7 @@ fn attach_while_daemon_lives(sock: &Path, dir: &SessionDir) -> Option<(u8, Strin
 }
 
 fn kill_server(sock: &Path) {
-    let _ = tmux_at(sock).arg("kill-server").stderr(Stdio::null()).status();
+    tmux_do(sock, &["kill-server"]);
 }
 
 /// Close the ssh master of a daemon that is gone: through its control socket, and by the pid it
@@ -590,25 +619,65 @@ fn close_master(dir: &SessionDir) {
 }
 
 /// With `--attach` our bindings go into the customer's server; remember theirs for the keys we take,
-/// so the end of the session gives them back.
-fn save_bindings(sock: &Path, dir: &SessionDir) -> Result<(), String> {
+/// so the end of the session gives them back. The file is written in this tmux's own syntax: what
+/// its `list-keys` printed, and `unbind-key` with only the flags it knows (`-q` is 3.2's, `-T` 2.1's).
+fn save_bindings(sock: &Path, dir: &SessionDir, f: &tmux::Features) -> Result<(), String> {
     let listing = tmux_query(sock, &["list-keys"]).unwrap_or_default();
+    let restore = restore_file(&listing, f);
+    sessiondir::write_private(&dir.file("keys.restore"), restore.as_bytes(), 0o600)
+}
+
+/// The restore file for `list-keys` output `listing` (see `save_bindings`).
+pub fn restore_file(listing: &str, f: &tmux::Features) -> String {
+    use tmux::Feat;
+    let q = if f.has(Feat::UnbindQuiet) { "-q " } else { "" };
     let mut restore = String::from("# linbit-tunl: the customer's bindings for the keys the session took\n");
     for (table, key) in ui::BOUND_KEYS {
-        restore.push_str(&format!("unbind-key -q -T {table} {}\n", tmux::quote(key)));
+        let key = tmux::quote(key);
+        restore.push_str(&match *table {
+            _ if f.has(Feat::KeyTables) => format!("unbind-key {q}-T {table} {key}\n"),
+            "root" => format!("unbind-key -n {key}\n"),
+            _ => format!("unbind-key {key}\n"),
+        });
     }
-    restore.push_str("unbind-key -q -a -T linbit-menu\n");
+    if f.has(Feat::KeyTables) {
+        restore.push_str(&format!("unbind-key {q}-a -T linbit-menu\n"));
+    }
     for line in listing.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
-        // `bind-key [-r] -T TABLE KEY COMMAND...`
-        let Some(t) = words.iter().position(|w| *w == "-T") else { continue };
-        let (Some(table), Some(key)) = (words.get(t + 1), words.get(t + 2)) else { continue };
-        if ui::BOUND_KEYS.iter().any(|(bt, bk)| bt == table && key.trim_matches('\\') == *bk) {
+        // `bind-key [-r] -T TABLE KEY COMMAND...`; before 2.1 `bind-key [-nr] KEY COMMAND...`.
+        let (table, key) = if let Some(t) = words.iter().position(|w| *w == "-T") {
+            match (words.get(t + 1), words.get(t + 2)) {
+                (Some(table), Some(key)) => (*table, *key),
+                _ => continue,
+            }
+        } else {
+            let Some(k) = words.iter().skip(1).position(|w| !w.starts_with('-')).map(|i| i + 1) else { continue };
+            (if words[1..k].contains(&"-n") { "root" } else { "prefix" }, words[k])
+        };
+        if ui::BOUND_KEYS.iter().any(|(bt, bk)| *bt == table && key.trim_matches('\\') == *bk) {
             restore.push_str(line);
             restore.push('\n');
         }
     }
-    sessiondir::write_private(&dir.file("keys.restore"), restore.as_bytes(), 0o600)
+    restore
+}
+
+/// Give the customer's server back its bindings: the restore file at once, or, where this tmux
+/// refuses a line of it (a parser error rejects the whole file on 3.x), line by line.
+fn restore_bindings(sock: &Path, dir: &SessionDir) {
+    let file = dir.file("keys.restore");
+    if tmux_do(sock, &["source-file", &file.to_string_lossy()]) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(&file) else { return };
+    let one = dir.file("keys.restore.line");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if sessiondir::write_private(&one, format!("{line}\n").as_bytes(), 0o600).is_ok() {
+            tmux_do(sock, &["source-file", &one.to_string_lossy()]);
+        }
+        let _ = std::fs::remove_file(&one);
+    }
 }
 
 /// `--attach`: the session may run for hours; wait for the daemon's exit file for as long as it
@@ -680,7 +749,7 @@ pub fn daemon_main(dir: &Path) -> u8 {
     let session = extra("tmux_session=").unwrap_or_else(|| ui::SESSION.to_string());
     let conf: String = text
         .lines()
-        .filter(|l| !["auth=", "tmux_session=", "prefix_checked="].iter().any(|k| l.starts_with(k)))
+        .filter(|l| !["auth=", "tmux_session=", "prefix_checked=", "tmux_size="].iter().any(|k| l.starts_with(k)))
         .map(|l| format!("{l}\n"))
         .collect();
     let (mut cfg, auth_path) = match (Config::from_conf(&conf), auth_path) {
@@ -704,7 +773,12 @@ pub fn daemon_main(dir: &Path) -> u8 {
             return 1;
         }
     };
-    if let Err(e) = d.open_fifos().and_then(|_| d.attach_tmux(&sock, &session, features)) {
+    let size = extra("tmux_size=").and_then(|s| {
+        let (w, h) = s.split_once('x')?;
+        Some((w.parse().ok()?, h.parse().ok()?))
+    });
+    let first = ui::control_client_commands(&features, size, attach);
+    if let Err(e) = d.open_fifos().and_then(|_| d.attach_tmux(&sock, &session, features, &first)) {
         say(&e);
         return 1;
     }
@@ -712,7 +786,7 @@ pub fn daemon_main(dir: &Path) -> u8 {
     // The session is over: the customer's terminal returns to the launcher. With --attach the
     // launcher gives the customer's server back its bindings and closes our window.
     if !attach {
-        let _ = tmux_at(&sock).arg("kill-server").stderr(Stdio::null()).status();
+        tmux_do(&sock, &["kill-server"]);
     }
     end.status()
 }

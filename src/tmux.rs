@@ -201,13 +201,21 @@ impl ControlParser {
     }
 }
 
-/// `TIME NUM FLAGS` of a `%begin`/`%end`/`%error` line.
+/// `TIME NUM FLAGS` of a `%begin`/`%end`/`%error` line. tmux 1.8 prints `TIME NUM` only, and only
+/// for lines the control client wrote (the command on its command line runs before it has a
+/// session, which is when 1.8 prints guards): those count as flags 1.
 fn guard_args(rest: &[u8]) -> Option<(u64, u64, u32)> {
     let s = std::str::from_utf8(rest).ok()?;
     let mut it = s.split(' ');
     let t = it.next()?.parse().ok()?;
     let n = it.next()?.parse().ok()?;
-    let f = it.next()?.parse().ok()?;
+    let f = match it.next() {
+        None => 1,
+        Some(f) => f.parse().ok()?,
+    };
+    if it.next().is_some() {
+        return None;
+    }
     Some((t, n, f))
 }
 
@@ -320,6 +328,80 @@ pub fn parse_version(s: &str) -> Option<(u32, u32)> {
 /// The oldest tmux the manual promises to work with.
 pub const OLDEST: (u32, u32) = (1, 8);
 
+/// A tmux feature we use, or an old behaviour we work around.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feat {
+    /// `new-session -c DIR`.
+    NewSessionCwd,
+    /// Option values (`#{@linbit-status}`, `#{@linbit-role}`) in formats.
+    OptionFormats,
+    /// `if-shell -F`.
+    IfShellFormat,
+    /// `=NAME` as an exact session/window target.
+    ExactTarget,
+    /// `bind-key -T TABLE`, `switch-client -T`, `list-keys` printing `-T`.
+    KeyTables,
+    /// Keys above 0x7f given to `send-keys` are Unicode code points (before: single bytes).
+    UnicodeKeys,
+    /// `break-pane -s SRC` (before: `break-pane -t SRC`).
+    BreakPaneSource,
+    /// `pane-border-status` / `pane-border-format`.
+    PaneBorderStatus,
+    /// `break-pane -n NAME`; `#{==:}`/`#{&&:}` comparisons in formats.
+    BreakPaneName,
+    /// Control clients do not size windows until `refresh-client -C`.
+    ControlWithoutSize,
+    /// `command-prompt -1` (one key).
+    PromptOneKey,
+    /// `default-size` and `window-size` options, `resize-window`.
+    DefaultSize,
+    /// The yacc command parser (`\ooo`, `{ }`, `%if`), and `'` inside `"..."` unchanged.
+    NewParser,
+    /// `send-keys -H` (keys as hex bytes, exact).
+    SendKeysHex,
+    /// `display-menu`.
+    Menu,
+    /// Pane options (`set-option -p`, per-pane `@user` options and `remain-on-exit`).
+    PaneOptions,
+    /// `display-popup`; `display-menu -x C -y C`; `refresh-client -f pause-after`, `%pause`,
+    /// `%extended-output`; client flag `ignore-size`.
+    Popup,
+    /// `unbind-key -q`.
+    UnbindQuiet,
+    /// `remain-on-exit-format`.
+    RemainOnExitFormat,
+}
+
+/// Every feature with the first release that has it, from tmux's CHANGES and the sources of the
+/// tags in `../shared/vendor` (1.8, 2.7, 3.0a, 3.2a, 3.5a). Where CHANGES is silent the entry is the
+/// first of those tags that has it, and the code keeps the older behaviour for the versions between.
+pub const TABLE: &[(Feat, (u32, u32), &str)] = &[
+    (Feat::NewSessionCwd, (1, 9), "new-session -c (1.9 CHANGES; 1.8 starts in the client's cwd)"),
+    (Feat::IfShellFormat, (2, 0), "if-shell -F (2.0 CHANGES)"),
+    (Feat::ExactTarget, (2, 1), "=name exact targets (2.1 CHANGES)"),
+    (Feat::KeyTables, (2, 1), "bind -T, switch-client -T (2.1 CHANGES)"),
+    (Feat::UnicodeKeys, (2, 2), "keys above 0x7f are code points (2.2 UTF-8 rework; 1.8 writes bytes)"),
+    (Feat::BreakPaneSource, (2, 2), "break-pane -s/-t split (tmux issue #318, released in 2.2)"),
+    (Feat::PaneBorderStatus, (2, 3), "pane-border-status (2.3 CHANGES)"),
+    (Feat::BreakPaneName, (2, 4), "break-pane -n, #{==:} comparisons (2.4 CHANGES)"),
+    (Feat::ControlWithoutSize, (2, 6), "control clients do not size windows (2.6 CHANGES)"),
+    (Feat::OptionFormats, (2, 7), "#{@option} in formats (1.8's format_find has no options; 2.7 has)"),
+    (Feat::PromptOneKey, (2, 7), "command-prompt -1 (not in 1.8; in 2.7)"),
+    (Feat::DefaultSize, (2, 9), "default-size, window-size (2.9 CHANGES)"),
+    (Feat::NewParser, (3, 0), "yacc command parser (3.0 CHANGES)"),
+    (Feat::SendKeysHex, (3, 0), "send-keys -H (3.0 CHANGES)"),
+    (Feat::Menu, (3, 0), "display-menu (3.0 CHANGES)"),
+    (Feat::PaneOptions, (3, 0), "pane options (3.0 CHANGES)"),
+    (Feat::Popup, (3, 2), "display-popup, menu -x C, pause-after, ignore-size (3.2 CHANGES)"),
+    (Feat::UnbindQuiet, (3, 2), "unbind-key -q (3.2 CHANGES)"),
+    (Feat::RemainOnExitFormat, (3, 3), "remain-on-exit-format (3.3 CHANGES)"),
+];
+
+/// The release that brought `f`.
+pub fn since(f: Feat) -> (u32, u32) {
+    TABLE.iter().find(|(g, _, _)| *g == f).map(|(_, v, _)| *v).unwrap_or((u32::MAX, 0))
+}
+
 /// What the installed tmux can do, decided once from `tmux -V`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Features {
@@ -340,34 +422,41 @@ pub struct Features {
     pub pane_border_status: bool,
     /// `bind -T table`, `if-shell -F` (2.1).
     pub key_tables: bool,
-    /// `set-hook` with `pane-died` (2.4 is where hooks settled; earlier is skipped).
-    pub hooks: bool,
-    /// The yacc command parser with `\ooo` escapes and `{ }` blocks (2.9 had it, 3.0 for safety).
+    /// The yacc command parser (3.0).
     pub new_parser: bool,
 }
 
 impl Features {
     pub fn from_version(v: Option<(u32, u32)>) -> Features {
         let version = v.unwrap_or(OLDEST);
-        let at = |m: u32, n: u32| version >= (m, n);
+        let at = |f: Feat| version >= since(f);
         Features {
             version,
-            menu: at(3, 0),
-            popup: at(3, 2),
-            flow_control: at(3, 2),
-            ignore_size: at(3, 2),
-            send_keys_hex: at(3, 0),
-            pane_options: at(3, 0),
-            pane_border_status: at(2, 3),
-            key_tables: at(2, 1),
-            hooks: at(2, 4),
-            new_parser: at(3, 0),
+            menu: at(Feat::Menu),
+            popup: at(Feat::Popup),
+            flow_control: at(Feat::Popup),
+            ignore_size: at(Feat::Popup),
+            send_keys_hex: at(Feat::SendKeysHex),
+            pane_options: at(Feat::PaneOptions),
+            pane_border_status: at(Feat::PaneBorderStatus),
+            key_tables: at(Feat::KeyTables),
+            new_parser: at(Feat::NewParser),
         }
     }
 
-    /// Of the `tmux` on PATH, asked once (`tmux -V`); an unreadable answer counts as the oldest.
+    /// Does this tmux have `f`?
+    pub fn has(&self, f: Feat) -> bool {
+        self.version >= since(f)
+    }
+
+    /// Of the `tmux` on PATH, asked once (`tmux -V`, bounded); an unreadable answer counts as the
+    /// oldest.
     pub fn installed() -> Features {
-        let out = std::process::Command::new("tmux").arg("-V").output().map(|o| o.stdout).unwrap_or_default();
+        let mut c = std::process::Command::new("tmux");
+        c.arg("-V").env_remove("TMUX");
+        let out = crate::proc::run_with_timeout(&mut c, std::time::Duration::from_secs(5))
+            .map(|f| f.stdout)
+            .unwrap_or_default();
         Features::from_version_output(&String::from_utf8_lossy(&out))
     }
 
@@ -375,45 +464,38 @@ impl Features {
     pub fn from_version_output(s: &str) -> Features {
         Features::from_version(parse_version(s))
     }
+
+    /// `=NAME` where tmux matches names exactly, plain `NAME` before 2.1.
+    pub fn exact(&self, name: &str) -> String {
+        if self.has(Feat::ExactTarget) { format!("={name}") } else { name.to_string() }
+    }
 }
 
-/// Quote one argument for a tmux command line (control mode, configuration file, key binding body).
+/// Quote one argument for a tmux command line (control mode, configuration file, key binding body),
+/// so that every tmux parser reads it the same way: cmd-string.c before 3.0 and cmd-parse.y after.
 ///
-/// Printable text goes inside single quotes (nothing is special there); a `'` becomes `\'` outside
-/// the quotes; control bytes (which would end a control-mode command line) become `\ooo` outside the
-/// quotes, which the tmux >= 3.0 parser understands. Older tmux cannot carry control bytes in an
-/// argument at all; callers avoid that (see `send_keys`).
+/// Text goes inside single quotes, where neither parser treats anything specially (not `\`, `$`,
+/// `#`, `;`, `~`); a `'` closes the quotes, is written as `"'"` and the quotes reopen (the old parser
+/// reads `\'` outside quotes as a backslash and a new quoted string: review finding F18). Two things
+/// no quoting carries the same way in both: control characters (they end a control-mode line; the
+/// old parser has no escape for most of them) become U+FFFD, and a final `;` (the old parser splits
+/// the command at any argument ending in `;`, quoted or not) gets a space after it. Callers pass
+/// neutralised display text, shell commands and paths, where neither matters; keystrokes never go
+/// through here (see `send_keys`).
 pub fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
-    let mut open = false;
+    out.push('\'');
     for c in s.chars() {
-        if c == '\'' || c.is_control() {
-            if open {
-                out.push('\'');
-                open = false;
-            }
-            if c == '\'' {
-                out.push_str("\\'");
-            } else {
-                let mut b = [0u8; 4];
-                for byte in c.encode_utf8(&mut b).bytes() {
-                    out.push_str(&format!("\\{byte:03o}"));
-                }
-            }
-        } else {
-            if !open {
-                out.push('\'');
-                open = true;
-            }
-            out.push(c);
+        match c {
+            '\'' => out.push_str("'\"'\"'"),
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
         }
     }
-    if open {
-        out.push('\'');
+    if s.ends_with(';') {
+        out.push(' ');
     }
-    if out.is_empty() {
-        out.push_str("''");
-    }
+    out.push('\'');
     out
 }
 
@@ -451,66 +533,35 @@ pub fn send_keys_hex(pane: u32, bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// tmux key name for a control byte (what the older `send-keys` understands).
-fn control_key_name(b: u8) -> Option<&'static str> {
-    const NAMES: [&str; 32] = [
-        "C-Space", "C-a", "C-b", "C-c", "C-d", "C-e", "C-f", "C-g", "C-h", "Tab", "C-j", "C-k", "C-l", "Enter", "C-n",
-        "C-o", "C-p", "C-q", "C-r", "C-s", "C-t", "C-u", "C-v", "C-w", "C-x", "C-y", "C-z", "Escape", "C-\\", "C-]",
-        "C-^", "C-_",
-    ];
-    match b {
-        0..=31 => Some(NAMES[b as usize]),
-        0x7f => Some("BSpace"),
-        _ => None,
-    }
+/// `send-keys -t %N 0x61 0x27 ...` commands for tmux < 3.0, which has no `-H`: every key is a
+/// hexadecimal key number (a word of `0x` and hex digits, which no parser, quoting or key-name
+/// lookup can read as anything else). Before 2.2 tmux writes a key number below 0x100 to the pane as
+/// that byte, so every byte arrives exactly; from 2.2 a number above 0x7f is a Unicode code point,
+/// so UTF-8 text is sent as code points and a byte that is not valid UTF-8 arrives as U+FFFD.
+pub fn send_keys_numbers(pane: u32, bytes: &[u8], unicode_keys: bool) -> Vec<String> {
+    let keys: Vec<u32> = if unicode_keys {
+        String::from_utf8_lossy(bytes).chars().map(|c| c as u32).collect()
+    } else {
+        bytes.iter().map(|&b| u32::from(b)).collect()
+    };
+    keys.chunks(KEYS_PER_COMMAND / 2)
+        .map(|chunk| {
+            let mut s = format!("send-keys -t %{pane}");
+            for k in chunk {
+                s.push_str(&format!(" 0x{k:x}"));
+            }
+            s
+        })
+        .collect()
 }
 
-/// `send-keys` commands for tmux < 3.0: printable runs as `-l` literals, control bytes as key names.
-/// Invalid UTF-8 is sent as U+FFFD (old tmux cannot inject raw bytes).
-pub fn send_keys_literal(pane: u32, bytes: &[u8]) -> Vec<String> {
-    let text = String::from_utf8_lossy(bytes);
-    let mut cmds = Vec::new();
-    let mut lit = String::new();
-    let mut names: Vec<&str> = Vec::new();
-    let flush_lit = |lit: &mut String, cmds: &mut Vec<String>| {
-        if !lit.is_empty() {
-            cmds.push(format!("send-keys -t %{pane} -l {}", quote(lit)));
-            lit.clear();
-        }
-    };
-    let flush_names = |names: &mut Vec<&str>, cmds: &mut Vec<String>| {
-        if !names.is_empty() {
-            let quoted: Vec<String> = names.iter().map(|n| quote(n)).collect();
-            cmds.push(format!("send-keys -t %{pane} {}", quoted.join(" ")));
-            names.clear();
-        }
-    };
-    for c in text.chars() {
-        match u8::try_from(c as u32).ok().and_then(control_key_name) {
-            Some(name) => {
-                flush_lit(&mut lit, &mut cmds);
-                names.push(name);
-                if names.len() >= 64 {
-                    flush_names(&mut names, &mut cmds);
-                }
-            }
-            None => {
-                flush_names(&mut names, &mut cmds);
-                lit.push(c);
-                if lit.len() >= KEYS_PER_COMMAND {
-                    flush_lit(&mut lit, &mut cmds);
-                }
-            }
-        }
-    }
-    flush_lit(&mut lit, &mut cmds);
-    flush_names(&mut names, &mut cmds);
-    cmds
-}
-
-/// The right `send-keys` flavour for this tmux.
+/// The right `send-keys` flavour for this tmux; no byte of `bytes` is ever parsed by tmux.
 pub fn send_keys(features: &Features, pane: u32, bytes: &[u8]) -> Vec<String> {
-    if features.send_keys_hex { send_keys_hex(pane, bytes) } else { send_keys_literal(pane, bytes) }
+    if features.send_keys_hex {
+        send_keys_hex(pane, bytes)
+    } else {
+        send_keys_numbers(pane, bytes, features.has(Feat::UnicodeKeys))
+    }
 }
 
 #[cfg(test)]
@@ -577,6 +628,16 @@ mod tests {
     }
 
     #[test]
+    fn tmux_1_8_guards_have_no_flags() {
+        let mut p = ControlParser::new();
+        p.push(b"%session-changed $0 t\n%begin 1795696305 2\n%0 80\n%end 1795696305 2\n%begin 1 3 1 x\n");
+        let evs = all(&mut p);
+        assert_eq!(evs[1], Event::Begin { time: 1795696305, num: 2, flags: 1 });
+        assert_eq!(evs[2], Event::End { time: 1795696305, num: 2, flags: 1, body: vec![b"%0 80".to_vec()] });
+        assert_eq!(evs[3], Event::Other(b"%begin 1 3 1 x".to_vec()));
+    }
+
+    #[test]
     fn unescape_edges() {
         assert_eq!(unescape(b""), b"");
         assert_eq!(unescape(b"\\000\\377\\"), b"\x00\xff\\");
@@ -609,6 +670,7 @@ mod tests {
 
     #[test]
     fn versions() {
+        assert_eq!(Features::from_version_output("tmux 1.8").version, (1, 8));
         assert_eq!(parse_version("tmux 3.3a\n"), Some((3, 3)));
         assert_eq!(parse_version("tmux 1.8"), Some((1, 8)));
         assert_eq!(parse_version("tmux next-3.4"), Some((3, 4)));
@@ -629,11 +691,27 @@ mod tests {
     fn quoting() {
         assert_eq!(quote(""), "''");
         assert_eq!(quote("a b"), "'a b'");
-        assert_eq!(quote("it's"), "'it'\\''s'");
-        assert_eq!(quote("a\nb"), "'a'\\012'b'");
+        assert_eq!(quote("it's"), "'it'\"'\"'s'");
+        assert_eq!(quote("a\nb"), "'a\u{fffd}b'");
         assert_eq!(quote("$HOME ~ \\ \" ; #{x}"), "'$HOME ~ \\ \" ; #{x}'");
+        assert_eq!(quote("x;"), "'x; '");
         assert_eq!(fmt_escape("a#b"), "a##b");
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn feature_table_is_ordered_and_complete() {
+        for w in TABLE.windows(2) {
+            assert!(w[0].1 <= w[1].1, "{:?} after {:?}", w[1].0, w[0].0);
+        }
+        let f18 = Features::from_version(Some((1, 8)));
+        assert!(!f18.has(Feat::NewSessionCwd) && !f18.has(Feat::BreakPaneSource) && !f18.has(Feat::ExactTarget));
+        let f27 = Features::from_version(Some((2, 7)));
+        assert!(f27.has(Feat::BreakPaneSource) && f27.has(Feat::PromptOneKey) && !f27.menu && !f27.pane_options);
+        assert!(Features::from_version(Some((3, 2))).has(Feat::UnbindQuiet));
+        assert!(!Features::from_version(Some((3, 0))).has(Feat::UnbindQuiet));
+        assert_eq!(f18.exact("tunl"), "tunl");
+        assert_eq!(f27.exact("tunl"), "=tunl");
     }
 
     #[test]
@@ -641,9 +719,24 @@ mod tests {
         assert_eq!(send_keys_hex(3, b"\x1b[A\xc3"), vec!["send-keys -H -t %3 1b 5b 41 c3".to_string()]);
         assert_eq!(send_keys_hex(1, &[b'a'; 1025]).len(), 3);
         assert_eq!(
-            send_keys_literal(2, b"ls -l\r\x03it's"),
-            vec!["send-keys -t %2 -l 'ls -l'", "send-keys -t %2 'Enter' 'C-c'", "send-keys -t %2 -l 'it'\\''s'",]
+            send_keys_numbers(2, b"a'; \r\xc3\xa4", false),
+            vec!["send-keys -t %2 0x61 0x27 0x3b 0x20 0xd 0xc3 0xa4"]
         );
+        assert_eq!(send_keys_numbers(2, b"a\xc3\xa4\xff", true), vec!["send-keys -t %2 0x61 0xe4 0xfffd"]);
+        assert_eq!(send_keys_numbers(1, &[b'a'; 600], false).len(), 3);
+        // No word of a key command is anything but a command name, a flag, a pane or a key number.
+        for f in [(1, 8), (2, 7), (3, 0)] {
+            let f = Features::from_version(Some(f));
+            for cmd in send_keys(&f, 4, b"x' ; run-shell 'touch /tmp/x' #\";\\") {
+                assert!(
+                    cmd.split(' ').skip(2).all(|w| w == "-H"
+                        || w == "-t"
+                        || w == "%4"
+                        || w.bytes().all(|b| b.is_ascii_hexdigit() || b == b'x')),
+                    "{cmd}"
+                );
+            }
+        }
     }
 
     /// A private tmux server on a socket in a temporary directory; killed on drop (also on panic).
@@ -742,39 +835,66 @@ mod tests {
             return;
         }
         let srv = private_server("out");
-        // The pane prints only after the control client has attached (it waits for a wait-for signal).
+        // The pane prints only after the control client has attached: the client's first command
+        // makes the file the pane waits for (tmux 1.8 drops a wait-for signal nobody waits for yet).
+        let go = srv.dir.join("go");
         let st = std::process::Command::new("tmux")
             .arg("-S")
             .arg(srv.sock())
             .args(["-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "80", "-y", "24"])
             .arg(format!(
-                "tmux -S {} wait-for go; printf 'a\\033b\\\\c\\n'; sleep 5",
-                sh_quote(&srv.sock().to_string_lossy())
+                "while [ ! -e {go} ]; do sleep 0.02; done; printf 'a\\033b\\\\c\\n'; sleep 5",
+                go = sh_quote(&go.to_string_lossy())
             ))
             .status()
             .unwrap();
         assert!(st.success());
-        let evs = control_session(&srv, "wait-for -S go\n", |evs| outputs(evs).ends_with(b"\r\n"));
+        let input = format!("run-shell {}\n", quote(&format!("touch {}", sh_quote(&go.to_string_lossy()))));
+        let evs = control_session(&srv, &input, |evs| outputs(evs).ends_with(b"\r\n"));
         assert_eq!(outputs(&evs), b"a\x1bb\\c\r\n", "{evs:?}");
-        // The reply to the attach on the command line and to our wait-for: two %end blocks, in order.
+        // The reply to the attach on the command line (not on 1.8, which prints no guards before the
+        // client has a session) and to our wait-for: %end blocks, in order.
         let ends: Vec<u64> =
             evs.iter().filter_map(|e| if let Event::End { num, .. } = e { Some(*num) } else { None }).collect();
-        assert!(ends.len() >= 2 && ends[1] > ends[0], "{evs:?}");
+        assert!(!ends.is_empty() && ends.windows(2).all(|w| w[1] > w[0]), "{evs:?}");
     }
 
+    /// Review finding F18: keystrokes from the relay reach the pane as keystrokes on every tmux
+    /// (run it with an old tmux first on PATH, as `just compat` does); payloads that split a command
+    /// line or open a comment in any tmux parser run nothing.
     #[test]
-    fn real_tmux_send_keys_hex_is_exact() {
-        if !tmux_available() || !Features::from_version_output(&tmux_version()).send_keys_hex {
+    fn real_tmux_keys_are_typed_never_parsed() {
+        if !tmux_available() {
             return;
         }
+        let f = Features::from_version_output(&tmux_version());
         let srv = private_server("keys");
         let out = srv.dir.join("got");
-        let keys: Vec<u8> = b"\x01\x03\x04\x1b[A\x7f\r\n\t'\"\\ ;#{x} \xc3\xa4\xe2\x82\xac\xff end".to_vec();
+        let mark = |n: u32| srv.dir.join(format!("ran-{n}"));
+        let mut keys: Vec<u8> = b"\x01\x03\x04\x1b[A\x7f\r\n\t'\"\\ ;#{x} \xc3\xa4\xe2\x82\xac end".to_vec();
+        for (i, attack) in [
+            "a' ; run-shell 'touch {}' ; '",
+            "a'\\'' ; run-shell '\\''touch {}'\\'' #",
+            "x \\; run-shell \"touch {}\" \\;",
+            "y; run-shell -b touch {};",
+            "z\" ; run-shell \"touch {}\" #",
+        ]
+        .iter()
+        .enumerate()
+        {
+            keys.extend_from_slice(attack.replace("{}", &mark(i as u32).to_string_lossy()).as_bytes());
+        }
+        if !f.has(Feat::UnicodeKeys) || f.send_keys_hex {
+            keys.push(0xff); // a byte that is not UTF-8 arrives exactly where tmux can carry it
+        }
+        // Keys are sent only once the pane's tty is raw, so the line discipline passes every byte.
+        // (tmux before 3.0 lets no attached client `wait-for`: the pane says so with a file.)
+        let ready = srv.dir.join("ready");
         let script = format!(
-            "stty raw -echo; tmux -S {sock} wait-for -S ready; head -c {} > {}",
+            "stty raw -echo; touch {}; head -c {} > {}",
+            sh_quote(&ready.to_string_lossy()),
             keys.len(),
             sh_quote(&out.to_string_lossy()),
-            sock = sh_quote(&srv.sock().to_string_lossy())
         );
         let st = std::process::Command::new("tmux")
             .arg("-S")
@@ -784,9 +904,19 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        // Keys are sent only once the pane's tty is raw, so the line discipline passes every byte.
-        let mut input = String::from("wait-for ready\n");
-        for c in send_keys_hex(0, &keys) {
+        let pane = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(srv.sock())
+            .args(["display-message", "-p", "-t", "t", "#{pane_id}"])
+            .output()
+            .unwrap();
+        let pane: u32 = String::from_utf8_lossy(&pane.stdout).trim().trim_start_matches('%').parse().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ready.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut input = String::new();
+        for c in send_keys(&f, pane, &keys) {
             input.push_str(&c);
             input.push('\n');
         }
@@ -795,6 +925,9 @@ mod tests {
         let evs = control_session(&srv, &input, |evs| evs.iter().any(|e| matches!(e, Event::Exit(_))));
         assert!(!evs.iter().any(|e| matches!(e, Event::Error { .. })), "{evs:?}");
         assert_eq!(std::fs::read(&out).ok(), Some(keys), "{evs:?}");
+        for i in 0..5 {
+            assert!(!mark(i).exists(), "a keystroke payload ran a tmux command ({:?})", f.version);
+        }
     }
 
     fn tmux_version() -> String {

@@ -19,7 +19,7 @@
 //! - The daemon publishes its state in the global user option `@linbit-status`; the status line shows it.
 
 use crate::cli::{Config, Mode};
-use crate::tmux::{Features, fmt_escape, quote, sh_quote};
+use crate::tmux::{Feat, Features, fmt_escape, quote, sh_quote};
 use std::path::Path;
 
 /// Height of the chat pane in rows (two pinned status rows, history, the prompt).
@@ -119,17 +119,24 @@ const MENU: [(&str, &str); 6] = [
 
 const TOGGLE_FOCUS: &str = "select-pane -t :.+";
 
-fn layout_now() -> String {
+/// The `other-pane-height` that gives the chat pane `CHAT_HEIGHT` rows: before 3.0 the layout
+/// does not count the pane border status line, and the chat pane comes out one row taller.
+fn other_pane_height(f: &Features) -> u32 {
+    if f.pane_border_status && !f.has(Feat::NewParser) { CHAT_HEIGHT - 1 } else { CHAT_HEIGHT }
+}
+
+fn layout_now(f: &Features) -> String {
     format!(
-        "set-window-option other-pane-height {CHAT_HEIGHT} ; set-window-option main-pane-height 1 ; select-layout main-horizontal"
+        "set-window-option other-pane-height {} ; set-window-option main-pane-height 1 ; select-layout main-horizontal",
+        other_pane_height(f)
     )
 }
 
 /// The tmux command for a menu key (c, L, u, U, X, Q).
-fn action(key: &str, exe: &Path, dir: &Path) -> String {
+fn action(key: &str, exe: &Path, dir: &Path, f: &Features) -> String {
     match key {
         "c" => TOGGLE_FOCUS.into(),
-        "L" => format!("{} ; {}", layout_now(), ctl_command(exe, dir, &["respawn"])),
+        "L" => format!("{} ; {}", layout_now(f), ctl_command(exe, dir, &["respawn"])),
         "u" => ctl_command(exe, dir, &["grant"]),
         "U" => ctl_command(exe, dir, &["revoke"]),
         "X" => ctl_command(exe, dir, &["block"]),
@@ -152,7 +159,7 @@ pub fn menu_command(exe: &Path, dir: &Path, f: &Features) -> String {
             if i == MENU.len() - 1 {
                 s.push_str(" ''"); // separator before the irreversible entry
             }
-            s.push_str(&format!(" {} {} {}", quote(label), quote(key), quote(&action(key, exe, dir))));
+            s.push_str(&format!(" {} {} {}", quote(label), quote(key), quote(&action(key, exe, dir, f))));
         }
         s
     } else if f.key_tables {
@@ -211,6 +218,27 @@ pub fn cheat_sheet_command(prefix: &str, f: &Features) -> String {
     }
 }
 
+/// The right side of our status line. `#{@linbit-status}` is set by the daemon; tmux before 2.7
+/// cannot read options in formats, so there the daemon rewrites the whole line with `status` in it.
+fn status_right(prefix: &str, status: Option<&str>, f: &Features) -> String {
+    let right = format!(" | prefix {p} | F1 menu | {p} ? help ", p = fmt_escape(&display_key(prefix)));
+    match status {
+        _ if f.has(Feat::OptionFormats) => format!("#{{@linbit-status}}{right}"),
+        Some(s) => format!("{}{right}", fmt_escape(s)),
+        None => right.trim_start_matches(" | ").to_string(),
+    }
+}
+
+/// The daemon's commands that publish `status` (fixed words and numbers) in `@linbit-status` and,
+/// on our own server with a tmux before 2.7, in the status line itself.
+pub fn status_commands(f: &Features, cfg: &Config, status: &str) -> Vec<String> {
+    let mut cmds = vec![format!("set-option -g @linbit-status {}", quote(status))];
+    if !f.has(Feat::OptionFormats) && !cfg.attach {
+        cmds.push(format!("set-option -g status-right {}", quote(&status_right(&cfg.prefix, Some(status), f))));
+    }
+    cmds
+}
+
 /// Our tmux configuration (`DIR/tmux.conf`). `cfg.prefix` must already be checked (`prefix_check_args`).
 pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
     let mut c =
@@ -236,6 +264,10 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
         }
         line(&mut c, "set-option -g status on");
         line(&mut c, "set-option -g status-interval 0");
+        if !f.menu {
+            // The menu and the cheat sheet are status-line messages there: long enough to read.
+            line(&mut c, "set-option -g display-time 4000");
+        }
         line(&mut c, "set-option -g status-left-length 60");
         line(&mut c, "set-option -g status-right-length 100");
         let mode = match cfg.mode {
@@ -245,9 +277,7 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
         };
         let left = format!(" linbit-tunl {} [{mode}] ", cfg.session_id);
         line(&mut c, &format!("set-option -g status-left {}", quote(&fmt_escape(&left))));
-        // `#{@linbit-status}` is set by the daemon; the rest is literal text.
-        let right = format!(" | prefix {p} | F1 menu | {p} ? help ", p = fmt_escape(&display_key(prefix)));
-        line(&mut c, &format!("set-option -g status-right {}", quote(&format!("#{{@linbit-status}}{right}"))));
+        line(&mut c, &format!("set-option -g status-right {}", quote(&status_right(prefix, None, f))));
         // The window list would only show our hidden daemon window.
         line(&mut c, "set-window-option -g window-status-format ''");
         line(&mut c, "set-window-option -g window-status-current-format ''");
@@ -279,14 +309,14 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
         line(&mut c, "unbind-key D");
     }
     let bind = |c: &mut String, key: &str, cmd: &str| line(c, &format!("bind-key {} {}", quote(key), bound(cmd)));
-    bind(&mut c, "Q", &action("Q", exe, dir));
+    bind(&mut c, "Q", &action("Q", exe, dir, f));
     bind(&mut c, "c", TOGGLE_FOCUS);
     bind(&mut c, "C-c", TOGGLE_FOCUS);
-    bind(&mut c, "u", &action("u", exe, dir));
-    bind(&mut c, "U", &action("U", exe, dir));
-    bind(&mut c, "X", &action("X", exe, dir));
-    bind(&mut c, "L", &action("L", exe, dir));
-    bind(&mut c, "C-l", &action("L", exe, dir));
+    bind(&mut c, "u", &action("u", exe, dir, f));
+    bind(&mut c, "U", &action("U", exe, dir, f));
+    bind(&mut c, "X", &action("X", exe, dir, f));
+    bind(&mut c, "L", &action("L", exe, dir, f));
+    bind(&mut c, "C-l", &action("L", exe, dir, f));
     bind(&mut c, "Enter", &menu_command(exe, dir, f));
     bind(&mut c, "?", &cheat_sheet_command(prefix, f));
     bind(&mut c, "z", "resize-pane -Z");
@@ -298,14 +328,18 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
     if f.key_tables {
         line(&mut c, &format!("bind-key -n F1 {}", bound(&menu_command(exe, dir, f))));
         for (_, key) in MENU {
-            line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), bound(&action(key, exe, dir))));
+            line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), bound(&action(key, exe, dir, f))));
         }
         // Enter / q act on a dead shell pane only; otherwise the key goes to the pane unchanged.
         let dead_shell = if f.pane_options { "#{&&:#{pane_dead},#{!=:#{@linbit-role},chat}}" } else { "#{pane_dead}" };
         line(&mut c, "bind-key -n Enter if-shell -F '#{pane_dead}' 'respawn-pane' 'send-keys Enter'");
         line(
             &mut c,
-            &format!("bind-key -n q if-shell -F {} {} 'send-keys q'", quote(dead_shell), quote(&action("Q", exe, dir))),
+            &format!(
+                "bind-key -n q if-shell -F {} {} 'send-keys q'",
+                quote(dead_shell),
+                quote(&action("Q", exe, dir, f))
+            ),
         );
     }
     c
@@ -327,14 +361,14 @@ pub struct LayoutTarget {
 }
 
 impl LayoutTarget {
-    fn win(&self) -> String {
+    fn win_for(&self, f: &Features) -> String {
         match &self.attach_session {
             None => format!("{SESSION}:0"),
-            Some(s) => format!("={s}:{}", self.window),
+            Some(s) => format!("{}:{}", f.exact(s), self.window),
         }
     }
-    fn pane(&self, i: u32) -> String {
-        format!("{}.{}", self.win(), self.pane_base + i)
+    fn pane(&self, i: u32, f: &Features) -> String {
+        format!("{}.{}", self.win_for(f), self.pane_base + i)
     }
 }
 
@@ -359,44 +393,134 @@ pub fn layout_commands(t: &LayoutTarget, exe: &Path, dir: &Path, cwd: &Path, f: 
     let (w, h) = (t.width.to_string(), t.height.to_string());
     let mut cmds = Vec::new();
     match &t.attach_session {
+        // tmux 1.8 starts a new session in the directory of the client that asks for it: ours.
+        None if !f.has(Feat::NewSessionCwd) => {
+            cmds.push(v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h]))
+        }
         None => cmds.push(v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h, "-c", &cwd])),
-        Some(s) => cmds.push(v(&["new-window", "-d", "-t", &format!("={s}:"), "-n", &t.window, "-c", &cwd])),
+        Some(s) => cmds.push(v(&["new-window", "-d", "-t", &format!("{}:", f.exact(s)), "-n", &t.window, "-c", &cwd])),
     }
-    let (shell, chat, daemon) = (t.pane(0), t.pane(1), t.pane(2));
-    let lines = CHAT_HEIGHT.to_string();
-    cmds.push(v(&["split-window", "-d", "-v", "-l", &lines, "-t", &shell, "-c", &cwd, &chat_command(exe, dir)]));
-    // The daemon pane is split off the chat pane (so it is index 2) and then broken out, hidden.
-    cmds.push(v(&["split-window", "-d", "-t", &chat, &daemon_command(exe, dir)]));
-    let mut brk = v(&["break-pane", "-d", "-s", &daemon]);
-    if f.version >= (2, 4) {
+    // Pane 1 is first the daemon's, broken out at once (hidden), then the chat's. (A second split
+    // would not do: where it lands in the pane list differs between versions; 1.8 puts a new pane
+    // after the active one, later tmux after the one split.)
+    if t.attach_session.is_none() && f.has(Feat::DefaultSize) {
+        // tmux 3.2a makes the first window 80x23 whatever -x/-y say: size it again, then let it
+        // follow the customer's terminal as usual (resize-window would pin it).
+        cmds.push(v(&["resize-window", "-t", &t.win_for(f), "-x", &w, "-y", &h]));
+        cmds.push(v(&["set-window-option", "-t", &t.win_for(f), "-u", "window-size"]));
+    }
+    let (shell, second) = (t.pane(0, f), t.pane(1, f));
+    let chat = second.clone();
+    cmds.push(v(&["split-window", "-d", "-t", &shell, &daemon_command(exe, dir)]));
+    // Before 2.2 break-pane's -t named the pane to break (later -s does, and -t the new window).
+    let mut brk = v(&["break-pane", "-d", if f.has(Feat::BreakPaneSource) { "-s" } else { "-t" }, &second]);
+    if f.has(Feat::BreakPaneName) {
         brk.extend(v(&["-n", "linbit-inner"]));
     }
     cmds.push(brk);
+    let lines = CHAT_HEIGHT.to_string();
+    cmds.push(v(&["split-window", "-d", "-v", "-l", &lines, "-t", &shell, "-c", &cwd, &chat_command(exe, dir)]));
     if f.pane_options {
         cmds.push(v(&["set-option", "-p", "-t", &shell, "@linbit-role", "shell"]));
         cmds.push(v(&["set-option", "-p", "-t", &chat, "@linbit-role", "chat"]));
         cmds.push(v(&["set-option", "-p", "-t", &shell, "remain-on-exit", "on"]));
     } else {
-        cmds.push(v(&["set-window-option", "-t", &t.win(), "remain-on-exit", "on"]));
+        cmds.push(v(&["set-window-option", "-t", &t.win_for(f), "remain-on-exit", "on"]));
     }
-    cmds.push(v(&["set-window-option", "-t", &t.win(), "@linbit-role", "main"]));
-    // The broken-out window is the one named linbit-inner (or, on old tmux, the last one created).
+    cmds.push(v(&["set-window-option", "-t", &t.win_for(f), "@linbit-role", "main"]));
+    // The broken-out window is the one named linbit-inner (or, before 2.4, the last one created).
+    // (Before 2.4 in the customer's session it has no name of ours to find it by: left untagged;
+    // nothing needs the tag, the daemon knows its panes by their commands there.)
     let inner = match &t.attach_session {
-        None => format!("{SESSION}:1"),
-        Some(s) => format!("={s}:linbit-inner"),
+        None => Some(format!("{SESSION}:1")),
+        Some(s) if f.has(Feat::BreakPaneName) => Some(format!("{}:linbit-inner", f.exact(s))),
+        Some(_) => None,
     };
-    cmds.push(v(&["set-window-option", "-t", &inner, "@linbit-role", "inner"]));
-    if f.pane_options {
-        cmds.push(v(&["set-option", "-p", "-t", &format!("{inner}.{}", t.pane_base), "@linbit-role", "inner"]));
+    if let Some(inner) = inner {
+        cmds.push(v(&["set-window-option", "-t", &inner, "@linbit-role", "inner"]));
+        if f.pane_options {
+            cmds.push(v(&["set-option", "-p", "-t", &format!("{inner}.{}", t.pane_base), "@linbit-role", "inner"]));
+        }
     }
-    cmds.push(v(&["select-window", "-t", &t.win()]));
+    cmds.push(v(&["select-window", "-t", &t.win_for(f)]));
     cmds.push(v(&["select-pane", "-t", &shell]));
     cmds
 }
 
+/// What the daemon's control client says first. Before 2.6 a control client sizes the windows of
+/// its session like a terminal (80x24 by default), so it takes the size of the customer's terminal
+/// (`size`, the session's start size) and the layout is rebuilt at that size. The session then
+/// follows a smaller terminal but not a larger one (tmux uses the smallest client).
+pub fn control_client_commands(f: &Features, size: Option<(u16, u16)>, attach: bool) -> Vec<String> {
+    let Some((w, h)) = size.filter(|_| !f.has(Feat::ControlWithoutSize)) else { return Vec::new() };
+    // A terminal client gives up a row to the status line; a control client has none.
+    let mut cmds = vec![format!("refresh-client -C {w},{}", h.saturating_sub(1).max(10))];
+    if !attach {
+        cmds.push(format!("set-window-option -t {SESSION}:0 other-pane-height {}", other_pane_height(f)));
+        cmds.push(format!("set-window-option -t {SESSION}:0 main-pane-height 1"));
+        cmds.push(format!("select-layout -t {SESSION}:0 main-horizontal"));
+    }
+    cmds
+}
+
+/// The daemon's `list-panes` command: every pane of the session with what tells its role.
+pub fn list_panes_command() -> String {
+    // Fields before the start command hold no spaces; `@linbit-role` is empty where unset.
+    format!(
+        "list-panes -s -F {}",
+        quote("#{pane_id} #{pane_width} #{pane_height} #{window_id} #{@linbit-role} #{pane_start_command}")
+    )
+}
+
+/// What `list_panes_command` found: the shell pane (id, columns, rows) and the chat pane's id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Panes {
+    pub shell: Option<(u32, u16, u16)>,
+    pub chat: Option<u32>,
+}
+
+/// Read the reply to `list_panes_command`. With pane options (tmux >= 3.0) the launcher's
+/// `@linbit-role` tags say it; before, options are per window, so the chat pane is the one tmux
+/// started with our `__chat` command and the shell is the first other pane of the chat's window.
+pub fn parse_panes(body: &[Vec<u8>]) -> Panes {
+    struct P<'a> {
+        id: u32,
+        w: u16,
+        h: u16,
+        window: &'a str,
+        role: &'a str,
+        cmd: &'a str,
+    }
+    let text: Vec<String> = body.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect();
+    let panes: Vec<P> = text
+        .iter()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(6, ' ').collect();
+            if f.len() < 5 {
+                return None;
+            }
+            Some(P {
+                id: f[0].strip_prefix('%')?.parse().ok()?,
+                w: f[1].parse().ok()?,
+                h: f[2].parse().ok()?,
+                window: f[3],
+                role: f[4],
+                cmd: f.get(5).copied().unwrap_or(""),
+            })
+        })
+        .collect();
+    let tagged = |r: &str| panes.iter().find(|p| p.role == r);
+    if let Some(shell) = tagged("shell") {
+        return Panes { shell: Some((shell.id, shell.w, shell.h)), chat: tagged("chat").map(|p| p.id) };
+    }
+    let Some(chat) = panes.iter().find(|p| p.cmd.contains(" __chat ")) else { return Panes::default() };
+    let shell = panes.iter().find(|p| p.window == chat.window && p.id != chat.id && !p.cmd.contains(" __chat "));
+    Panes { shell: shell.map(|p| (p.id, p.w, p.h)), chat: Some(chat.id) }
+}
+
 /// Commands (control-mode lines for the daemon) that rebuild the split for `L`: the existing shell pane
 /// stays, a dead chat pane is respawned, then the layout is re-applied. `shell`/`chat` are pane ids.
-pub fn reset_layout_commands(shell: u32, chat: Option<u32>, exe: &Path, dir: &Path) -> Vec<String> {
+pub fn reset_layout_commands(shell: u32, chat: Option<u32>, exe: &Path, dir: &Path, f: &Features) -> Vec<String> {
     let mut cmds = Vec::new();
     match chat {
         Some(id) => cmds.push(format!("respawn-pane -t %{id}")), // fails harmlessly if it is alive
@@ -405,7 +529,7 @@ pub fn reset_layout_commands(shell: u32, chat: Option<u32>, exe: &Path, dir: &Pa
             quote(&fmt_escape(&chat_command(exe, dir)))
         )),
     }
-    cmds.push(format!("set-window-option -t %{shell} other-pane-height {CHAT_HEIGHT}"));
+    cmds.push(format!("set-window-option -t %{shell} other-pane-height {}", other_pane_height(f)));
     cmds.push(format!("set-window-option -t %{shell} main-pane-height 1"));
     cmds.push(format!("select-layout -t %{shell} main-horizontal"));
     cmds
@@ -435,9 +559,11 @@ pub fn upgrade_prompt_command(exe: &Path, dir: &Path, req: &str, from: &str, tar
             sh_quote(&dir.to_string_lossy()),
             sh_quote(req)
         );
+        // tmux 1.8 has no one-key prompt: the answer ends with Enter there.
+        let (one, hint) = if f.has(Feat::PromptOneKey) { ("-1 ", "y/n") } else { ("", "y/n, Enter") };
         format!(
-            "command-prompt -1 -p {} {}",
-            quote(&format!("Support ({who}) asks for an SSH tunnel to {target}. Grant? (y/n)")),
+            "command-prompt {one}-p {} {}",
+            quote(&format!("Support ({who}) asks for an SSH tunnel to {target}. Grant? ({hint})")),
             quote(&format!("run-shell -b {}", quote(&fmt_escape(&sh))))
         )
     }
@@ -491,10 +617,13 @@ mod tests {
     /// The `run-shell` words survive tmux's parser, format expansion and the shell for awkward paths.
     #[test]
     fn real_tmux_runs_ctl_with_awkward_paths() {
-        if std::process::Command::new("tmux").arg("-V").output().is_err() {
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("tunl-ui-q-{}/it's #1 $HOME \\ ; \"x\"", std::process::id()));
+        let Ok(o) = std::process::Command::new("tmux").arg("-V").output() else { return };
+        let f = Features::from_version_output(&String::from_utf8_lossy(&o.stdout));
+        // Before 2.7 no `#` survives run-shell's format expansion (`##` stays two, `#{` ends it);
+        // our own paths never hold one (the binary is copied into the session directory, F17).
+        let hash = if f.has(Feat::OptionFormats) { "#" } else { "" };
+        let dir =
+            std::env::temp_dir().join(format!("tunl-ui-q-{}/it's {hash}1 $HOME \\ ; \"x\" ;", std::process::id()));
         let top = dir.parent().unwrap().to_path_buf();
         let _ = std::fs::remove_dir_all(&top);
         std::fs::create_dir_all(&dir).unwrap();
@@ -504,7 +633,8 @@ mod tests {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let sock = top.join("s");
         let conf = top.join("c.conf");
-        std::fs::write(&conf, format!("{}\n", ctl_command(&exe, &dir, &["answer", "r'1 #{x}", "grant"]))).unwrap();
+        let word = format!("r'1 {hash}{{x}};");
+        std::fs::write(&conf, format!("{}\n", ctl_command(&exe, &dir, &["answer", &word, "grant"]))).unwrap();
         let tmux = |args: &[&str]| std::process::Command::new("tmux").arg("-S").arg(&sock).args(args).status().unwrap();
         assert!(tmux(&["-f", "/dev/null", "new-session", "-d", "sleep 30"]).success());
         let ok = tmux(&["source-file", &conf.to_string_lossy()]).success();
@@ -519,7 +649,7 @@ mod tests {
         tmux(&["kill-server"]);
         let _ = std::fs::remove_dir_all(&top);
         assert!(ok);
-        assert_eq!(got, format!("__ctl\n{}\nanswer\nr'1 #{{x}}\ngrant\n", dir.display()));
+        assert_eq!(got, format!("__ctl\n{}\nanswer\n{word}\ngrant\n", dir.display()));
     }
 
     /// Load the generated configuration into a real tmux: every line must parse and run.
@@ -562,7 +692,8 @@ mod tests {
         let t = LayoutTarget { attach_session: None, window: "tunl".into(), pane_base: 0, width: 100, height: 30 };
         let mut first = true;
         for cmd in layout_commands(&t, Path::new("/bin/sh"), &dir, Path::new("/"), &f) {
-            let cmd: Vec<String> = cmd.into_iter().map(|a| a.replace("exec '/bin/sh' __", "exec sleep 60 #")).collect();
+            let cmd: Vec<String> =
+                cmd.into_iter().map(|a| a.replace("exec '/bin/sh' __", "exec sleep 60; : __")).collect();
             let mut args = Vec::new();
             if first {
                 args.extend(["-f".to_string(), conf.to_string_lossy().into_owned()]);
@@ -575,10 +706,27 @@ mod tests {
         // Every config line ran without error (source-file again reports errors).
         let out = tmux(&["source-file".into(), conf.to_string_lossy().into_owned()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let panes =
-            tmux(&v(&["list-panes", "-a", "-F", "#{window_index}.#{pane_index} #{@linbit-role} #{window_name}"]));
-        let panes = String::from_utf8_lossy(&panes.stdout).into_owned();
-        assert_eq!(panes, "0.0 shell tunl\n0.1 chat tunl\n1.0 inner linbit-inner\n", "{panes}");
+        // The daemon finds the shell and the chat pane on every version (tags or start commands).
+        let list = |fmt: &str| {
+            String::from_utf8_lossy(&tmux(&v(&["list-panes", "-s", "-t", SESSION, "-F", fmt])).stdout).into_owned()
+        };
+        let ids = list("#{pane_id}");
+        let ids: Vec<u32> = ids.lines().filter_map(|l| l.trim_start_matches('%').parse().ok()).collect();
+        let body: Vec<Vec<u8>> =
+            list("#{pane_id} #{pane_width} #{pane_height} #{window_id} #{@linbit-role} #{pane_start_command}")
+                .lines()
+                .map(|l| l.as_bytes().to_vec())
+                .collect();
+        let found = parse_panes(&body);
+        assert_eq!(found.shell.map(|s| s.0), Some(ids[0]), "{body:?}");
+        assert_eq!(found.chat, Some(ids[1]), "{body:?}");
+        let windows = list("#{window_index}.#{pane_index} #{window_name}");
+        if f.has(Feat::BreakPaneName) {
+            assert_eq!(windows, "0.0 tunl\n0.1 tunl\n1.0 linbit-inner\n");
+        }
+        if f.pane_options {
+            assert_eq!(list("#{@linbit-role}"), "shell\nchat\ninner\n");
+        }
         let prefix = tmux(&v(&["show-options", "-gv", "prefix"]));
         assert_eq!(String::from_utf8_lossy(&prefix.stdout).trim(), "C-a");
         // The menu, cheat sheet and upgrade prompt parse as tmux commands (bound to a key, not run).
@@ -586,7 +734,14 @@ mod tests {
             menu_command(exe, &dir, &f),
             cheat_sheet_command("C-a", &f),
             upgrade_prompt_command(exe, &dir, "r1", "Eve #{evil}", "localhost:22", &f),
-            upgrade_prompt_command(exe, &dir, "r1", "Eve", "localhost:22", &Features::from_version(Some((2, 9)))),
+            upgrade_prompt_command(
+                exe,
+                &dir,
+                "r1",
+                "Eve",
+                "localhost:22",
+                &Features::from_version(Some(f.version.min((2, 9)))),
+            ),
         ] {
             let line = format!("bind-key F5 {cmd}\n");
             std::fs::write(dir.join("x.conf"), line).unwrap();
