@@ -197,3 +197,24 @@ bench:
     cargo build -q --release --target {{musl}} --bin linbit-tunl
     cargo test --release --test bench -- --ignored --nocapture --test-threads=1
     cargo test --release -p tunl-relay --test fanout -- --ignored --nocapture
+
+# Install what `just compat` builds the old tmux and OpenSSH releases with. Idempotent.
+compat-setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    for p in build-essential autoconf automake pkg-config bison libevent-dev libncurses-dev zlib1g-dev; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+    fi
+
+# The compatibility matrix: the share, attach and tunnel suites with each old tmux (1.8 2.7 3.0a 3.2a
+# 3.5a, or the VERSIONS given) as the client's tmux, the link suite with OpenSSH 7.4's client. The
+# tools are built once from ../shared/vendor into $XDG_CACHE_HOME or /var/cache/linbit-tunl-compat.
+# Writes target/compat-matrix.md. See scripts/compat.sh.
+compat *VERSIONS: compat-setup
+    scripts/compat.sh {{VERSIONS}}

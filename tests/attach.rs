@@ -9,8 +9,14 @@ use std::time::Duration;
 use common::*;
 
 fn tmux(sock: &Path, args: &[&str]) -> String {
-    let o = Command::new("tmux").arg("-S").arg(sock).args(args).env_remove("TMUX").output().unwrap();
+    // The customer's own tmux is the client's (a client talks only to a server of its version).
+    let o = Command::new(client_tmux()).arg("-S").arg(sock).args(args).env_remove("TMUX").output().unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The terminal the customer sees their tmux through: the system's tmux.
+fn terminal(sock: &Path, args: &[&str]) {
+    Command::new(outer_tmux()).arg("-S").arg(sock).args(args).env_remove("TMUX").output().unwrap();
 }
 
 fn wait(deadline: std::time::Instant, mut f: impl FnMut() -> bool) -> bool {
@@ -23,13 +29,13 @@ fn wait(deadline: std::time::Instant, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-struct Servers(Vec<std::path::PathBuf>);
+/// The outer server (the terminal) and the customer's own server, killed at the end.
+struct Servers(std::path::PathBuf, std::path::PathBuf);
 
 impl Drop for Servers {
     fn drop(&mut self) {
-        for s in &self.0 {
-            let _ = Command::new("tmux").arg("-S").arg(s).arg("kill-server").output();
-        }
+        let _ = Command::new(outer_tmux()).arg("-S").arg(&self.0).arg("kill-server").output();
+        let _ = Command::new(client_tmux()).arg("-S").arg(&self.1).arg("kill-server").output();
     }
 }
 
@@ -41,10 +47,10 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     relay.register(&id, Some("246810"));
     let outer = scratch.path().join("outer.sock");
     let theirs = scratch.path().join("theirs.sock");
-    let _servers = Servers(vec![outer.clone(), theirs.clone()]);
+    let _servers = Servers(outer.clone(), theirs.clone());
     // The customer's own tmux, with its stock bindings, seen through a terminal (the outer server).
-    let client = format!("tmux -S {} -f /dev/null new-session -s mine", theirs.display());
-    Command::new("tmux")
+    let client = format!("{} -S {} -f /dev/null new-session -s mine", client_tmux().display(), theirs.display());
+    Command::new(outer_tmux())
         .arg("-S")
         .arg(&outer)
         .args(["-f", "/dev/null", "new-session", "-d", "-x", "160", "-y", "48", &client])
@@ -55,7 +61,7 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     let before = tmux(&theirs, &["list-keys", "-T", "prefix"]);
     assert!(before.contains("new-window"));
 
-    let mut script = String::new();
+    let mut script = format!("export PATH='{}'\n", client_path());
     for (k, v) in relay.env() {
         script.push_str(&format!("export {k}='{v}'\n"));
     }
@@ -65,7 +71,7 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
          {BIN} --attach --token 246810 {id}\necho EXIT=$? > {sp}/status\n"
     ));
     std::fs::write(scratch.path().join("run.sh"), script).unwrap();
-    tmux(&outer, &["send-keys", &format!("sh {sp}/run.sh"), "Enter"]);
+    terminal(&outer, &["send-keys", &format!("sh {sp}/run.sh"), "Enter"]);
 
     let mut conn = relay.accept(secs(30)).expect("the session reaches the relay");
     conn.welcome(1);
@@ -77,7 +83,7 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     conn.send(&relay_double::k_line(b"echo ATTACHED-$((40+2))\r"));
     assert!(conn.wait_output(secs(10), |o| String::from_utf8_lossy(o).contains("ATTACHED-42")));
     // The customer presses Ctrl-b Q in their own tmux.
-    tmux(&outer, &["send-keys", "C-b", "Q"]);
+    terminal(&outer, &["send-keys", "C-b", "Q"]);
     assert!(conn.wait_for(secs(15), |l| l == "BYE reason=customer").is_some(), "{:?}", conn.lines());
     let status = scratch.path().join("status");
     assert!(wait(secs(15), || std::fs::read_to_string(&status).is_ok_and(|s| s.trim() == "EXIT=0")));

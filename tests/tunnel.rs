@@ -348,7 +348,7 @@ impl Customer {
         std::fs::write(&conf, "set -g status off\nset -g prefix None\nunbind-key C-b\nset -g escape-time 0\n").unwrap();
         let status = s.join(format!("status-{id}"));
         let mut env: Vec<(String, String)> = bed.relay.env();
-        env.push(("PATH".into(), std::env::var("PATH").unwrap()));
+        env.push(("PATH".into(), client_path()));
         env.push(("USER".into(), "root".into()));
         env.push(("HOME".into(), s.display().to_string()));
         env.push(("TERM".into(), "xterm-256color".into()));
@@ -363,7 +363,7 @@ impl Customer {
             sh.push_str(&format!(" {}", shq(a)));
         }
         sh.push_str(&format!(" {id}; echo $? > {}", shq(&status.display().to_string())));
-        let st = Command::new("tmux")
+        let st = Command::new(outer_tmux())
             .arg("-S")
             .arg(&outer)
             .arg("-f")
@@ -378,7 +378,7 @@ impl Customer {
     }
 
     fn tmux(&self) -> Command {
-        let mut c = Command::new("tmux");
+        let mut c = Command::new(outer_tmux());
         c.arg("-S").arg(&self.outer).env_remove("TMUX").stdin(Stdio::null());
         c
     }
@@ -432,8 +432,12 @@ impl Customer {
 impl Drop for Customer {
     fn drop(&mut self) {
         let dir = session_dir(&self.id);
-        let _ =
-            Command::new("tmux").arg("-S").arg(dir.join("tmux.sock")).arg("kill-server").stderr(Stdio::null()).status();
+        let _ = Command::new(client_tmux())
+            .arg("-S")
+            .arg(dir.join("tmux.sock"))
+            .arg("kill-server")
+            .stderr(Stdio::null())
+            .status();
         let _ = self.tmux().arg("kill-server").stderr(Stdio::null()).status();
         let _ = wait_no_processes(&dir.display().to_string(), secs(15));
         let _ = wait_no_processes(&self.outer.display().to_string(), secs(5));

@@ -66,11 +66,53 @@ impl Drop for Scratch {
     }
 }
 
+// ---- the client's tools ----
+//
+// `TUNL_TEST_CLIENT_PATH` (directories, `:`-separated) goes first in the PATH of the client under
+// test, and only there: `just compat` points it at an old tmux or OpenSSH build. The tests' own
+// terminal (the outer tmux) stays the system's; every test command against the client's tmux server
+// uses `client_tmux()` (a client must be of its server's version).
+
+/// The PATH the client under test runs with.
+pub fn client_path() -> String {
+    let base = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+    match std::env::var("TUNL_TEST_CLIENT_PATH") {
+        Ok(extra) if !extra.is_empty() => format!("{extra}:{base}"),
+        _ => base,
+    }
+}
+
+fn client_which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&client_path())
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
+}
+
+/// The tmux the client runs (a path).
+pub fn client_tmux() -> PathBuf {
+    client_which("tmux").unwrap_or_else(|| PathBuf::from("tmux"))
+}
+
+/// The system's tmux, for the customer's terminal (the outer tmux).
+pub fn outer_tmux() -> PathBuf {
+    which("tmux").unwrap_or_else(|| PathBuf::from("tmux"))
+}
+
+/// `tmux -V` of the client's tmux as (major, minor); (99, 0) when unreadable.
+pub fn client_tmux_version() -> (u32, u32) {
+    let o = Command::new(client_tmux()).arg("-V").output().map(|o| o.stdout).unwrap_or_default();
+    let s = String::from_utf8_lossy(&o);
+    let v = s.trim().trim_start_matches("tmux ");
+    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
+    let b: String = b.chars().take_while(char::is_ascii_digit).collect();
+    (a.parse().unwrap_or(99), b.parse().unwrap_or(0))
+}
+
 /// A PATH with `ssh` but no `tmux`: the host that only `--tunnel` serves.
 pub fn path_without_tmux(scratch: &Scratch) -> String {
     let bin = scratch.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    let real = which("ssh").expect("ssh not installed");
+    let real = client_which("ssh").expect("ssh not installed");
     let _ = std::os::unix::fs::symlink(real, bin.join("ssh"));
     bin.display().to_string()
 }
@@ -262,9 +304,13 @@ impl Customer {
         words.extend(args.iter().map(|a| a.to_string()));
         words.push(id.to_string());
         let cmdline: Vec<String> = words.iter().map(|w| sh_quote(w)).collect();
-        let script =
-            format!("{}; echo EXIT=$? > {}", cmdline.join(" "), sh_quote(&s.join("status").display().to_string()));
-        let mut c = Command::new("tmux");
+        let script = format!(
+            "PATH={} {}; echo EXIT=$? > {}",
+            sh_quote(&client_path()),
+            cmdline.join(" "),
+            sh_quote(&s.join("status").display().to_string())
+        );
+        let mut c = Command::new(outer_tmux());
         c.arg("-S").arg(&outer).arg("-f").arg(s.join("outer.conf"));
         c.args(["new-session", "-d", "-s", "cust", "-x", "160", "-y", "48", "sh", "-c", &script]);
         c.env_clear();
@@ -294,8 +340,10 @@ impl Customer {
         let c = Customer::start(relay, id, &a, env);
         let mut conn = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session at the relay:\n{}", c.diag()));
         conn.welcome(1);
+        // Pane labels need pane-border-status (tmux 2.3); before, the status line says it is us.
+        let labels = if client_tmux_version() >= (2, 3) { "[SHELL]" } else { "linbit-tunl" };
         assert!(
-            c.wait_screen(secs(20), |s| s.contains("[SHELL]") && s.lines().any(|l| matches!(l.trim_end(), "#" | "$"))),
+            c.wait_screen(secs(20), |s| s.contains(labels) && s.lines().any(|l| matches!(l.trim_end(), "#" | "$"))),
             "the customer never saw the session:\n{}",
             c.diag()
         );
@@ -303,7 +351,7 @@ impl Customer {
     }
 
     fn outer_cmd(&self) -> Command {
-        let mut c = Command::new("tmux");
+        let mut c = Command::new(outer_tmux());
         c.arg("-S").arg(&self.outer).stdin(Stdio::null());
         c
     }
@@ -350,7 +398,7 @@ impl Customer {
 
     /// A command against the session's own (inner) tmux server, stdout as text.
     pub fn inner(&self, args: &[&str]) -> String {
-        let o = Command::new("tmux")
+        let o = Command::new(client_tmux())
             .arg("-S")
             .arg(self.dir.join("tmux.sock"))
             .args(args)
@@ -364,6 +412,13 @@ impl Customer {
     /// `display -p FORMAT` on the inner server's current pane.
     pub fn inner_fmt(&self, fmt: &str) -> String {
         self.inner(&["display-message", "-p", fmt]).trim_end().to_string()
+    }
+
+    /// Which of our panes has the focus, "shell" or "chat" (told by what tmux started in it: pane
+    /// options, where the launcher tags them, exist only from tmux 3.0).
+    pub fn focus(&self) -> String {
+        let cmd = self.inner_fmt("#{pane_start_command}");
+        if cmd.contains(" __chat ") { "chat" } else { "shell" }.to_string()
     }
 
     /// The exit status the launcher's shell wrote, once it exited.
@@ -422,7 +477,7 @@ impl Customer {
 impl Drop for Customer {
     fn drop(&mut self) {
         let _ = self.outer_cmd().arg("kill-server").stderr(Stdio::null()).status();
-        let _ = Command::new("tmux")
+        let _ = Command::new(client_tmux())
             .arg("-S")
             .arg(self.dir.join("tmux.sock"))
             .arg("kill-server")

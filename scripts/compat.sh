@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The compatibility matrix (`just compat`): the share, attach and tunnel suites (and the tmux unit
+# tests) with each old tmux as the client's tmux, the link suite with OpenSSH 7.4's client. The
+# customer's terminal in the tests stays the system's tmux; only the client under test gets the old
+# tool first on its PATH (TUNL_TEST_CLIENT_PATH, read by tests/common). Writes the matrix to
+# target/compat-matrix.md; fails if any cell failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+versions="${*:-1.8 2.7 3.0a 3.2a 3.5a}"
+built="$(COMPAT_TMUX="$versions" scripts/compat-build.sh)" || exit 1
+path_of() { awk -v n="$1" '$1 == n { print $2 }' <<<"$built"; }
+cargo build -q --workspace --all-targets || exit 1
+mkdir -p target
+out=target/compat-matrix.md
+logs=target/compat-logs
+mkdir -p "$logs"
+printf '| client tool | unit (tmux) | share | attach | tunnel | link |\n|---|---|---|---|---|---|\n' >"$out"
+fail=0
+# run NAME-OF-LOG ENV... -- CARGO-TEST-ARGS: one cell, "pass" or "FAIL (n of m)".
+cell() {
+    local log="$logs/$1.log"; shift
+    local env=()
+    while [ "$1" != "--" ]; do env+=("$1"); shift; done
+    shift
+    local start=$SECONDS
+    if env "${env[@]}" cargo test -q "$@" -- --test-threads=4 >"$log" 2>&1; then
+        echo "pass ($((SECONDS - start)) s)"
+    else
+        fail=1
+        local r; r="$(grep -E '^test result' "$log" | tail -1 | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\2 of \1+\2 failed/')"
+        echo "FAIL (${r:-did not run}; $log)"
+    fi
+}
+for v in $versions; do
+    bin="$(dirname "$(path_of "tmux-$v")")"
+    echo "== tmux $v ($bin)" >&2
+    # The unit tests start their own tmux servers with `tmux` from PATH.
+    u="$(cell "tmux-$v-unit" "PATH=$bin:$PATH" -- --bin linbit-tunl tmux:: ui::)"
+    s="$(cell "tmux-$v-share" "TUNL_TEST_CLIENT_PATH=$bin" -- --test share)"
+    a="$(cell "tmux-$v-attach" "TUNL_TEST_CLIENT_PATH=$bin" -- --test attach)"
+    t="$(cell "tmux-$v-tunnel" "TUNL_TEST_CLIENT_PATH=$bin" -- --test tunnel)"
+    printf '| tmux %s | %s | %s | %s | %s | - |\n' "$v" "$u" "$s" "$a" "$t" | tee -a "$out" >&2
+done
+if [ -z "${COMPAT_NO_SSH:-}" ]; then
+    bin="$(dirname "$(path_of openssh-7.4p1)")"
+    echo "== OpenSSH 7.4p1 ($bin)" >&2
+    l="$(cell "openssh-7.4p1-link" "TUNL_TEST_CLIENT_PATH=$bin" -- --test link)"
+    printf '| OpenSSH 7.4p1 client | - | - | - | - | %s |\n' "$l" | tee -a "$out" >&2
+fi
+cat "$out"
+exit $fail
