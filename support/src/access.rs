@@ -52,7 +52,8 @@ fn proxy_word(s: &str) -> String {
 /// The ProxyCommand: the engineer's ssh to the support account, opening a channel to the
 /// forwarded port on the relay's loopback.
 pub fn proxy_command(relay: &Relay, port: u16) -> String {
-    let mut argv = vec!["exec".to_string(), crate::relay::ssh_program()];
+    // ssh runs it as `exec COMMAND` in the user's shell itself.
+    let mut argv = vec![crate::relay::ssh_program()];
     argv.extend(relay.base_args());
     argv.extend(["-T".into(), "-W".into(), format!("127.0.0.1:{port}"), relay.destination()]);
     argv.iter().map(|a| proxy_word(a)).collect::<Vec<_>>().join(" ")
@@ -349,7 +350,7 @@ mod tests {
         let p = proxy_command(&relay(), 40001);
         assert_eq!(
             p,
-            "exec ssh -F '/tmp/my cfg%%' -o ForwardAgent=no -o ForwardX11=no -o ServerAliveInterval=15 -o ServerAliveCountMax=3 -p 2222 -T -W 127.0.0.1:40001 alice@relay.example"
+            "ssh -F '/tmp/my cfg%%' -o ForwardAgent=no -o ForwardX11=no -o ServerAliveInterval=15 -o ServerAliveCountMax=3 -p 2222 -T -W 127.0.0.1:40001 alice@relay.example"
         );
     }
 
