@@ -185,8 +185,14 @@ relay-serve ROOT="/tmp/tunl-relay-demo":
     cargo build -q -p tunl-relay
     target/debug/tunl-relay serve --root {{ROOT}}
 
-# A local demo: the test relay and a session against it in this terminal.
-demo SESSION="swift-fox-jumps-barrel":
+# The whole system on one machine (root): the product relay from `tunl-relay init --root` on a temp
+# prefix, the customer's linbit-tunl and the engineer's `tunl join` in two windows of one tmux.
+demo:
+    cargo build -q --workspace --bins
+    cargo run -q -p tunl --example demo
+
+# The client alone against the test relay, whose console stands in for support.
+demo-double SESSION="swift-fox-jumps-barrel":
     cargo build -q --workspace --bins
     scripts/demo.sh {{SESSION}}
 
@@ -197,6 +203,7 @@ bench:
     cargo build -q --release --target {{musl}} --bin linbit-tunl
     cargo test --release --test bench -- --ignored --nocapture --test-threads=1
     cargo test --release -p tunl-relay --test fanout -- --ignored --nocapture
+    cargo test --release -p tunl --test bench -- --ignored --nocapture --test-threads=1
 
 # Install what `just compat` builds the old tmux and OpenSSH releases with. Idempotent.
 compat-setup:
