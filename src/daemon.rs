@@ -1103,6 +1103,13 @@ impl Daemon {
         if let Some(r) = self.rec.take() {
             let _ = r.finish();
         }
+        if !self.ever_welcomed {
+            // A session that never connected showed nobody anything: no recording of it stays.
+            if let Some(p) = self.rec_path.take() {
+                let _ = std::fs::remove_file(&p);
+                self.log.line("recording removed: the session never connected");
+            }
+        }
         let rec = self.rec_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         let _ = crate::sessiondir::publish(
             &self.dir.file("exit"),

@@ -349,7 +349,7 @@ fn tmux_run(c: &mut Command) -> Result<String, String> {
     match crate::proc::run_with_timeout(c, TMUX_TIMEOUT) {
         Ok(f) if f.status.is_some_and(|s| s.success()) => Ok(String::from_utf8_lossy(&f.stdout).into_owned()),
         Ok(f) if f.status.is_none() => Err(format!("tmux did not answer within {} s", TMUX_TIMEOUT.as_secs())),
-        Ok(f) => Err(crate::text::neutralize(&f.stderr, 300)),
+        Ok(f) => Err(tmux_failure_text(&f.stderr)),
         Err(e) => Err(format!("cannot run tmux: {e}")),
     }
 }
@@ -444,11 +444,15 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
             }
         } else {
             tmux_do(sock, &["kill-server"]);
+            // A customer who runs the same command again must not meet this server while it exits.
+            wait_server_gone(sock);
         }
     };
     let fail = |msg: &str| -> u8 {
         say(msg);
         end_tmux(&sock);
+        dir.drop_secrets();
+        say(&format!("session files kept in {}", dir.path.display()));
         1
     };
     for f in ["chat.fifo", "ctl.fifo"] {
@@ -503,6 +507,12 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         // tmux 1.8 has no new-session -c: the session starts where its client runs.
         c.current_dir(&cwd);
         if let Err(e) = tmux_run(c.args(&args)) {
+            // The daemon starts with the first step; when it fails at once (relay unreachable) it
+            // ends the server under the later steps. Its reason is then the real one.
+            if let Some(msg) = wait_daemon_failure(&dir, Duration::from_secs(3)) {
+                wait_exit_file(&dir);
+                return fail(&msg);
+            }
             return fail(&format!("tmux refused to build the session layout: {e}"));
         }
     }
@@ -516,11 +526,7 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
             }
             if let Some(msg) = s.strip_prefix("failed ") {
                 wait_exit_file(&dir);
-                end_tmux(&sock);
-                say(msg.trim_end());
-                dir.drop_secrets();
-                say(&format!("session files kept in {}", dir.path.display()));
-                return 1;
+                return fail(msg.trim_end());
             }
         }
         if let Some(sig) = signals::held() {
@@ -568,6 +574,41 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
         end_tmux(&sock);
     }
     finish(&dir, status, true, cfg.debug, Some(&rec))
+}
+
+/// tmux's complaint as one plain line: its lines joined with "; ", control characters shown as
+/// text (never a literal `^J` for the newline that ends it).
+fn tmux_failure_text(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<String> =
+        text.lines().map(|l| crate::text::neutralize(l.trim().as_bytes(), 300)).filter(|l| !l.is_empty()).collect();
+    if lines.is_empty() { "no reason given".to_string() } else { lines.join("; ") }
+}
+
+/// The daemon's `failed REASON` from the state file, waiting up to `limit` for it.
+fn wait_daemon_failure(dir: &SessionDir, limit: Duration) -> Option<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(msg) = std::fs::read_to_string(dir.file("state"))
+            .ok()
+            .and_then(|s| s.strip_prefix("failed ").map(|m| m.trim_end().to_string()))
+        {
+            return Some(msg);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait (at most 3 s) until nothing answers on the server socket any more, then remove it.
+fn wait_server_gone(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::os::unix::net::UnixStream::connect(sock).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(sock);
 }
 
 /// The customer's terminal in the session until the server ends; meanwhile the daemon is watched, so
@@ -792,3 +833,14 @@ pub fn daemon_main(dir: &Path) -> u8 {
 }
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tmux_failures_are_one_plain_line() {
+        assert_eq!(super::tmux_failure_text(b"server exited unexpectedly\n"), "server exited unexpectedly");
+        assert_eq!(super::tmux_failure_text(b"a\nb\r\n\n"), "a; b");
+        assert_eq!(super::tmux_failure_text(b"x\x1b[2Jy\n"), "x^[[2Jy");
+        assert_eq!(super::tmux_failure_text(b""), "no reason given");
+    }
+}

@@ -498,3 +498,44 @@ fn reconnect_after_keyboard_interactive_with_the_token_uses_the_session_id() {
     fg.signal("TERM");
     assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.stderr_text());
 }
+
+/// Issue 13, a customer retrying after a failure: every attempt (share mode, tmux) against a relay
+/// port where nothing listens says the real reason in plain lines (never tmux's "server exited
+/// unexpectedly" from the previous attempt's dying server, never a literal `^J`), says where the
+/// session files were kept, and leaves no recording of a session that never connected.
+#[test]
+fn retrying_after_an_unreachable_relay_gives_the_real_reason_every_time() {
+    let relay = relay();
+    let scratch = Scratch::new("retry");
+    let id = unique_id("retry");
+    relay.register(&id, Some(TOKEN));
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let recordings = scratch.path().join("rec");
+    std::fs::create_dir(&recordings).unwrap();
+    for attempt in 0..3 {
+        // A new token for each try, as support would hand out (the double spends each one).
+        relay.register(&id, Some(TOKEN));
+        let mut c = std::process::Command::new(BIN);
+        c.args(["--token", TOKEN, &id]).env_clear();
+        c.env("PATH", std::env::var("PATH").unwrap()).env("USER", relay.user()).env("HOME", scratch.path());
+        c.env("TUNL_AUTHKEYS_FILE", scratch.path().join("ak")).env("TUNL_RECORDING_DIR", &recordings);
+        for (k, v) in relay.env() {
+            c.env(k, v);
+        }
+        c.env("TUNL_RELAY_PORT", closed.to_string());
+        c.stdin(std::process::Stdio::null());
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "attempt {attempt}: {err}");
+        assert!(err.contains("cannot connect to the relay"), "attempt {attempt}: {err}");
+        assert!(!err.contains("tmux refused") && !err.contains("^J"), "attempt {attempt}: {err}");
+        assert!(err.contains("session files kept in"), "attempt {attempt}: {err}");
+        let left: Vec<_> = std::fs::read_dir(&recordings).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "attempt {attempt}: a recording of a session that never connected: {left:?}");
+    }
+    assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
+    let _ = std::fs::remove_dir_all(session_dir(&id));
+}
