@@ -380,6 +380,8 @@ fn terminal_size() -> (u16, u16) {
 fn private_copy(dir: &SessionDir) -> Result<PathBuf, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find our own binary: {e}"))?;
     let copy = dir.file("linbit-tunl");
+    // A retry reuses the kept directory of the failed attempt (checked ours, 0700): replace its copy.
+    let _ = std::fs::remove_file(&copy);
     let bytes = std::fs::read(&me).map_err(|e| format!("cannot read {}: {e}", me.display()))?;
     sessiondir::write_private(&copy, &bytes, 0o700)
         .map_err(|e| format!("cannot copy the binary into the session directory: {e}"))?;
