@@ -449,6 +449,56 @@ fn detach_restores_the_terminal_and_the_session_goes_on() {
     // Nothing of the join is left: its directory is gone.
     let left: Vec<_> = std::fs::read_dir(eng.home.join("tunl")).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+
+    // `tunl detach` from another terminal of the engineer's ends a running join the same way.
+    let j2 = Join::start(&eng, &s, "eng2", &id);
+    assert!(j2.term.wait(secs(30), |sc| sc.contains("[CHAT]")), "{}", diag("eng2", &j2.term));
+    let out = eng.tunl(&["detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(until(secs(20), || j2.rc().is_some()), "{}", diag("eng2", &j2.term));
+    assert_eq!(j2.rc(), Some(0));
+    assert!(until(secs(5), || j2.stty_restored()));
+
+    // The one-shot commands reach the customer.
+    assert!(eng.tunl(&["chat", &id, "hello", "from", "the", "cli"]).status.success());
+    assert!(cust.wait(secs(20), |sc| sc.contains("hello from the cli")), "{}", diag("customer", &cust));
+    assert!(eng.tunl(&["note", &id, "looking at the logs"]).status.success());
+    assert!(cust.wait(secs(20), |sc| sc.contains("looking at the logs")), "{}", diag("customer", &cust));
+    // `tunl upgrade` waits for the customer's answer and says it in plain words.
+    let up = Command::new(TUNL)
+        .args(["upgrade", &id])
+        .env_clear()
+        .envs(eng.env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(cust.wait(secs(20), |sc| sc.contains("Grant") && sc.contains("Deny")), "{}", diag("customer", &cust));
+    cust.keys(&["d"]);
+    let out = up.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the customer denied the tunnel"), "{out:?}");
+    let log = eng.tunl(&["log", &id]);
+    let log_text = String::from_utf8_lossy(&log.stdout);
+    assert!(
+        log.status.success() && log_text.lines().all(|l| l.starts_with('{')) && log_text.contains("join"),
+        "{log_text}"
+    );
+    // `tunl pick`: one live session is chosen by itself; 3 is info, 4 quits.
+    let mut pick = Command::new(TUNL)
+        .arg("pick")
+        .env_clear()
+        .envs(eng.env.iter().cloned())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut pick.stdin.take().unwrap(), b"3\n4\n").unwrap();
+    let out = pick.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("=== {id}")), "{out:?}");
     let out = eng.tunl(&["close", &id, "bye"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     relay.stop();
