@@ -531,3 +531,32 @@ fn a_full_disk_still_disables_the_keys() {
     fg.signal("TERM");
     assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.diag());
 }
+
+/// The target identifies itself as an OpenSSH older than 8.2 (which refuses a key line with an
+/// option it does not know): support's key goes in with `from=` but without `expiry-time`. No such
+/// sshd is installed here, so a listener that answers with its identification string stands in.
+#[test]
+fn an_old_openssh_target_gets_no_expiry_time() {
+    use std::io::Write;
+    let bed = Bed::new("akold");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        // The launcher's probe, then (after the grant) nothing else is needed from it.
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_7.4\r\n");
+        }
+    });
+    let id = unique_id("akold");
+    bed.relay.register(&id, Some(TOKEN));
+    let t = format!("127.0.0.1:{port}");
+    let mut fg = Foreground::start(&bed.relay, &id, &["--tunnel", "--token", TOKEN, "--target", &t], &[], &bed.scratch);
+    let mut conn = bed.relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.diag()));
+    conn.welcome(0);
+    bed.grant(&fg, &mut conn, "o1");
+    let line = bed.support_line();
+    assert_eq!(line, format!("from=\"127.0.0.1,::1\" {}", bed.key.public_line), "{line}");
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.diag());
+    let _ = server.join();
+}
