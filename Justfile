@@ -204,6 +204,7 @@ bench:
     cargo test --release --test bench -- --ignored --nocapture --test-threads=1
     cargo test --release -p tunl-relay --test fanout -- --ignored --nocapture
     cargo test --release -p tunl --test bench -- --ignored --nocapture --test-threads=1
+    cargo test --release -p tunl-relay --test idle -- --ignored --nocapture
 
 # Install what `just compat` builds the old tmux and OpenSSH releases with. Idempotent.
 compat-setup:

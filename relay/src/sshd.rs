@@ -93,8 +93,10 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
         cust = cfg.customer_user,
         group = cfg.support_group,
         ca = layout.trusted_user_ca().display(),
-        produce = relay_command(cfg, layout, "produce"),
-        support = relay_command(cfg, layout, "support"),
+        // `exec`: sshd runs a ForceCommand as `SHELL -c CMD`, and dash would stay as a parent for
+        // the whole session (a process, and about a MiB, per customer and per engineer command).
+        produce = format!("exec {}", relay_command(cfg, layout, "produce")),
+        support = format!("exec {}", relay_command(cfg, layout, "support")),
     )
 }
 
@@ -220,11 +222,11 @@ mod tests {
         for no in ["X11Forwarding no", "AllowAgentForwarding no", "PermitTTY no", "AllowTcpForwarding no"] {
             assert!(global.contains(no), "{no}");
         }
-        assert!(customer.contains("\tForceCommand /usr/local/bin/tunl-relay produce\n"));
+        assert!(customer.contains("\tForceCommand exec /usr/local/bin/tunl-relay produce\n"));
         assert!(customer.contains("\tAllowTcpForwarding remote\n\tGatewayPorts no\n"));
         assert!(customer.contains("\tPermitOpen none\n"));
         assert!(customer.contains("\tTrustedUserCAKeys /etc/tunl-relay/trusted_user_ca.pub\n"));
-        assert!(support.contains("\tForceCommand /usr/local/bin/tunl-relay support\n"));
+        assert!(support.contains("\tForceCommand exec /usr/local/bin/tunl-relay support\n"));
         assert!(support.contains("\tPermitOpen 127.0.0.1:*\n\tPermitListen none\n"));
         assert!(!support.contains("KbdInteractive"), "support logs in with keys only");
     }

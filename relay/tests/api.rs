@@ -128,3 +128,43 @@ fn a_slow_client_is_cut_off() {
     assert!(n < 64, "{n} bytes");
     assert!(started.elapsed() < std::time::Duration::from_secs(35), "kept for {:?}", started.elapsed());
 }
+
+#[test]
+fn sighup_makes_the_api_read_its_certificate_again() {
+    let relay = relay();
+    let l = &relay.layout;
+    let api_pid = tunl_relay::serve::descendants(std::process::id() as i32)
+        .into_iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&format!(" api --root {}", l.root.display()))
+                })
+                .unwrap_or(false)
+        })
+        .expect("the API process");
+    let probe = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(https_raw(&relay, probe).status, 404);
+    // A new TLS CA and certificate in the same files (init makes them when they are missing).
+    std::fs::remove_file(l.tls_cert()).unwrap();
+    std::fs::remove_file(l.tls_key()).unwrap();
+    let c = &relay.cfg;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunl-relay"))
+        .arg("init")
+        .arg("--root")
+        .arg(&l.root)
+        .args(["--port", &c.port.to_string(), "--api-port", &c.api_port.to_string()])
+        .args(["--customer-user", &c.customer_user, "--support-group", &c.support_group])
+        .args(["--pam-service", &c.pam_service, "--listen", "127.0.0.1", "--tls-self-signed"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(try_https(&relay, probe).is_err(), "the API serves the new certificate before SIGHUP?");
+    std::process::Command::new("kill").args(["-HUP", &api_pid.to_string()]).status().unwrap();
+    let reloaded =
+        tunl_relay::harness::wait_until(secs(20), || try_https(&relay, probe).is_ok_and(|a| a.status == 404));
+    assert!(reloaded, "{}", relay.log_text());
+    assert!(relay.log_text().contains("tls-reloaded"));
+}

@@ -40,6 +40,11 @@ impl Answer {
 
 /// Sends `raw` (a whole HTTP request) to the relay's API over TLS and reads the answer.
 pub fn https_raw(relay: &Relay, raw: &[u8]) -> Answer {
+    try_https(relay, raw).unwrap()
+}
+
+/// As [`https_raw`], with TLS failures (e.g. a certificate the relay's TLS CA did not sign) as errors.
+pub fn try_https(relay: &Relay, raw: &[u8]) -> std::io::Result<Answer> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(relay.tls_ca()).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -54,7 +59,7 @@ pub fn https_raw(relay: &Relay, raw: &[u8]) -> Answer {
     let tcp = TcpStream::connect(("127.0.0.1", relay.cfg.api_port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(raw).unwrap();
+    tls.write_all(raw)?;
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -65,7 +70,7 @@ pub fn https_raw(relay: &Relay, raw: &[u8]) -> Answer {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Answer { status, headers, body: body.to_string() }
+    Ok(Answer { status, headers, body: body.to_string() })
 }
 
 pub fn post_sign(relay: &Relay, body: &str) -> Answer {
