@@ -68,7 +68,7 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
          \tAuthenticationMethods publickey keyboard-interactive\n\
          \tKbdInteractiveAuthentication yes\n\
          \tExposeAuthInfo yes\n\
-         \tForceCommand {produce}\n\
+         \tForceCommand exec {produce}\n\
          \tAllowTcpForwarding remote\n\
          \tGatewayPorts no\n\
          \tPermitListen any\n\
@@ -80,7 +80,7 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
          Match Group {group}\n\
          \tAuthorizedKeysFile .ssh/authorized_keys\n\
          \tAuthenticationMethods publickey\n\
-         \tForceCommand {support}\n\
+         \tForceCommand exec {support}\n\
          \tAllowTcpForwarding local\n\
          \tPermitOpen 127.0.0.1:*\n\
          \tPermitListen none\n\
@@ -95,8 +95,8 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
         ca = layout.trusted_user_ca().display(),
         // `exec`: sshd runs a ForceCommand as `SHELL -c CMD`, and dash would stay as a parent for
         // the whole session (a process, and about a MiB, per customer and per engineer command).
-        produce = format!("exec {}", relay_command(cfg, layout, "produce")),
-        support = format!("exec {}", relay_command(cfg, layout, "support")),
+        produce = relay_command(cfg, layout, "produce"),
+        support = relay_command(cfg, layout, "support"),
     )
 }
 
