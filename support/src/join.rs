@@ -84,9 +84,12 @@ pub fn tmux_conf(sid: &str, exe: &Path, dir: &Path) -> String {
     // `window-size manual` here crashes tmux 3.3a's server on the split that follows.
     l("set-option -g status on");
     l("set-option -g status-interval 0");
-    l("set-option -g status-left-length 40");
+    l("set-option -g status-left-length 90");
     l("set-option -g status-right-length 120");
-    l(&format!("set-option -g status-left {}", tmux_quote(&format!(" tunl {sid} "))));
+    l(&format!(
+        "set-option -g status-left {}",
+        tmux_quote(&format!("#[reverse]#{{@tunl-warn}}#[default] tunl {sid} "))
+    ));
     l(&format!(
         "set-option -g status-right {}",
         tmux_quote("#{@tunl-status} | C-b c shell/chat | C-b d detach | C-b ? keys ")

@@ -633,8 +633,17 @@ pub fn run(dir: &Path) -> i32 {
         let (s1, s2) = v.status_rows();
         chat_send(&chat_fifo_line("S1", &s1));
         chat_send(&chat_fifo_line("S2", &s2));
+        // The size warning leads the status line's left end, which tmux never cuts off.
+        let warn = match v.mismatch() {
+            Some(_) => {
+                let (c, r) = v.size;
+                format!("TERMINAL TOO SMALL: need {c}x{} |", r + crate::join::CHAT_HEIGHT + 3)
+            }
+            None => String::new(),
+        };
+        let _ = tmux_cmd(dir, &["set-option", "-g", "@tunl-warn", &warn]);
         let tag = match (v.blocked(), v.mismatch()) {
-            (_, Some(_)) => "TERMINAL TOO SMALL",
+            (_, Some(_)) => "view clipped",
             (Some(_), _) if v.ro => "READ-ONLY",
             (Some(_), _) if v.brb => "BRB: not typing",
             (Some(_), _) => "not typing",

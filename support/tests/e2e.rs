@@ -174,13 +174,17 @@ struct Join {
 
 impl Join {
     fn start(eng: &Engineer, dir: &Path, name: &str, args: &str) -> Join {
+        // The engineer's terminal is larger than the customer's pane plus the chat.
+        Join::start_sized(eng, dir, name, args, 160, 60)
+    }
+
+    fn start_sized(eng: &Engineer, dir: &Path, name: &str, args: &str, cols: u16, rows: u16) -> Join {
         let line = format!(
             "stty -g > {d}/{name}.before; {}; echo $? > {d}/{name}.rc; stty -g > {d}/{name}.after; sleep 600",
             eng.shell_line(&format!("join {args}")),
             d = dir.display()
         );
-        // The engineer's terminal is larger than the customer's pane plus the chat.
-        let term = Term::start(dir, name, 160, 60, &line);
+        let term = Term::start(dir, name, cols, rows, &line);
         Join { term, dir: dir.to_path_buf(), name: name.into() }
     }
 
@@ -450,9 +454,10 @@ fn detach_restores_the_terminal_and_the_session_goes_on() {
     let left: Vec<_> = std::fs::read_dir(eng.home.join("tunl")).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 
-    // `tunl detach` from another terminal of the engineer's ends a running join the same way.
-    let j2 = Join::start(&eng, &s, "eng2", &id);
-    assert!(j2.term.wait(secs(30), |sc| sc.contains("[CHAT]")), "{}", diag("eng2", &j2.term));
+    // A terminal smaller than the customer's pane is told so, not silently clipped; `tunl detach`
+    // from another terminal of the engineer's ends a running join the same way as Ctrl-b d.
+    let j2 = Join::start_sized(&eng, &s, "eng2", &id, 70, 20);
+    assert!(j2.term.wait(secs(30), |sc| sc.contains("TERMINAL TOO SMALL")), "{}", diag("eng2", &j2.term));
     let out = eng.tunl(&["detach"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(until(secs(20), || j2.rc().is_some()), "{}", diag("eng2", &j2.term));
