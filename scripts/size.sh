@@ -21,7 +21,7 @@ nm -S -t d --size-sort -C "$full" | awk '
     NF >= 4 && $3 ~ /^[tTrRdDbB]$/ {
         size = $2 + 0
         name = $4; for (i = 5; i <= NF; i++) name = name " " $i
-        sub(/^(<|&|\*const |\*mut |dyn |_<)+/, "", name)
+        sub(/^(<|&|\*const |\*mut |dyn |_<|bool |void |int |unsigned )+/, "", name)
         if (name ~ /^ring_core_/ || name ~ /^(GFp|LIMBS|bn_|aes_nohw|ChaCha20|CRYPTO_poly1305|x25519|p256|p384|ecp_nistz256|sha512_block)/) crate = "ring (C/asm)"
         else if (name ~ /::/) { crate = name; sub(/::.*/, "", crate); sub(/<.*/, "", crate) }
         else crate = "musl libc and other C"
