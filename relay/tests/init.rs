@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use tunl_relay::registry::Registry;
 
 fn mode_owner(p: &Path) -> (u32, u32, u32) {
     let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
@@ -102,4 +103,32 @@ fn bad_options_change_nothing() {
         assert!(err.contains(needle), "{err}");
         assert!(!root.exists(), "{args:?} created files");
     }
+}
+
+#[test]
+fn status_lists_sessions_and_expire_ends_the_overdue_ones() {
+    let relay = relay();
+    let reg = relay.registry();
+    let (live, _) = relay.create_session("CASE-LIVE", false);
+    let n = tunl_relay::registry::NewSession { case: "CASE-OLD".into(), expires_minutes: 0, ..Default::default() };
+    let (old, _) = reg.create(&n, tunl_relay::now()).unwrap();
+    let run = |sub: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tunl-relay"))
+            .arg(sub)
+            .arg("--root")
+            .arg(&relay.layout.root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sub}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = run("status");
+    assert!(status.contains("sshd port") && status.contains("running (pid"), "{status}");
+    assert!(status.contains(&live) && status.contains(&old.id) && status.contains("CASE-LIVE"), "{status}");
+    let expired = run("expire");
+    assert!(expired.starts_with("expired 1 sessions"), "{expired}");
+    let s = reg.get(&old.id).unwrap().unwrap();
+    assert_eq!(s.standing(tunl_relay::now()), tunl_relay::registry::Standing::Expired);
+    assert_eq!(reg.get(&live).unwrap().unwrap().state, tunl_relay::registry::State::Pending);
+    assert!(run("status").lines().any(|l| l.starts_with(&old.id) && l.contains("ended")));
 }
