@@ -59,8 +59,8 @@ pub fn parse_chat_line(line: &[u8]) -> Option<ChatLine> {
 /// The control line for the words of `__ctl` (or an error message).
 pub fn ctl_line(words: &[String]) -> Result<String, String> {
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    let valid_req =
-        |r: &str| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    // The daemon's own request number (F2): relay request IDs never travel through tmux or a shell.
+    let valid_req = |r: &str| !r.is_empty() && r.len() <= 9 && r.bytes().all(|b| b.is_ascii_digit());
     match w.as_slice() {
         [word @ ("quit" | "grant" | "revoke" | "block" | "brb" | "back" | "respawn")] => Ok(format!("{word}\n")),
         ["answer", req, answer @ ("grant" | "deny")] if valid_req(req) => Ok(format!("answer {req} {answer}\n")),
@@ -431,9 +431,19 @@ mod tests {
     fn ctl_words() {
         let w = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
         assert_eq!(ctl_line(&w("quit")).unwrap(), "quit\n");
-        assert_eq!(ctl_line(&w("answer r-12 deny")).unwrap(), "answer r-12 deny\n");
+        assert_eq!(ctl_line(&w("answer 12 deny")).unwrap(), "answer 12 deny\n");
         assert_eq!(ctl_line(&w("chat aGk=")).unwrap(), "chat aGk=\n");
-        for bad in ["quit now", "answer r;1 grant", "answer r1 maybe", "chat !!", "bogus", ""] {
+        for bad in [
+            "quit now",
+            "answer r;1 grant",
+            "answer r-12 deny",
+            "answer a:b grant",
+            "answer 1234567890 grant",
+            "answer 1 maybe",
+            "chat !!",
+            "bogus",
+            "",
+        ] {
             assert!(ctl_line(&w(bad)).is_err(), "{bad}");
         }
         let max = B64.encode(vec![b'a'; MAX_INPUT]);
@@ -458,10 +468,10 @@ mod tests {
         .unwrap();
         assert_eq!(ctl(&dir, &["grant".into()]), 1);
         let r = open(dir.join("ctl.fifo"), OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).unwrap();
-        assert_eq!(ctl(&dir, &["answer".into(), "r1".into(), "grant".into()]), 0);
+        assert_eq!(ctl(&dir, &["answer".into(), "1".into(), "grant".into()]), 0);
         let mut buf = [0u8; 64];
         let n = rustix::io::read(&r, &mut buf).unwrap();
-        assert_eq!(&buf[..n], b"answer r1 grant\n");
+        assert_eq!(&buf[..n], b"answer 1 grant\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -36,10 +36,12 @@ const PAUSE_AFTER_SECS: u32 = 30;
 pub const WATCHDOG_SECS: u32 = 10;
 /// Every wait of the orderly end draws from this one budget, well inside the watchdog (F21).
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(7);
-/// A Grant/Deny popup dismissed without an answer (Escape, a click outside) comes back after this:
-/// tmux gives no notice of the dismissal, and a request must be answered, not lost. While the menu
-/// is still on screen tmux ignores the repeated display-menu.
+/// A Grant/Deny popup dismissed without an answer (Escape, a click outside) is offered again at this
+/// interval, but only to a customer who has not typed for `POPUP_IDLE`: it never lands in the middle
+/// of their typing (F1). tmux gives no notice of the dismissal, and a request must be answered, not
+/// lost. While the menu is still on screen tmux ignores the repeated display-menu.
 const POPUP_AGAIN: Duration = Duration::from_secs(5);
+const POPUP_IDLE_SECS: u64 = 5;
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,8 +93,13 @@ enum Pending {
     Ignore,
     Panes,
     Snap,
-    /// The popup command for this tunnel request, to be sent to the customer's client.
-    Clients(String, String),
+    /// The popup command for this tunnel request, to be sent to the customer's client; `again`: a
+    /// repeat, shown only if the customer is idle.
+    Clients {
+        req: String,
+        cmd: String,
+        again: bool,
+    },
 }
 
 struct TmuxSide {
@@ -106,6 +113,15 @@ struct TmuxSide {
     size: (u16, u16),
     features: tmux::Features,
     eof: bool,
+}
+
+/// Who asked for a tunnel request, and with which keys, for what the customer is shown.
+struct Requester {
+    req: String,
+    n: u32,
+    from: String,
+    /// The keys as `ssh-keygen -lf` prints them.
+    keys: Vec<String>,
 }
 
 pub struct Daemon {
@@ -139,7 +155,9 @@ pub struct Daemon {
     rec: Option<recording::Recorder>,
     rec_path: Option<PathBuf>,
     /// Who asked for which tunnel request, for the customer's messages.
-    requesters: Vec<(String, String)>,
+    requesters: Vec<Requester>,
+    /// The daemon's own number for the next tunnel request (F2).
+    next_ask: u32,
     /// The support keys in our authorized_keys block (all granted requests of this session).
     installed: Vec<String>,
     /// The block in the authorized_keys file: options, renewal, verified removal.
@@ -189,6 +207,7 @@ impl Daemon {
             rec: None,
             rec_path: None,
             requesters: Vec::new(),
+            next_ask: 1,
             installed: Vec::new(),
             keys,
             end: None,
@@ -214,19 +233,20 @@ impl Daemon {
             LinkState::Down if self.ever_welcomed => "reconnecting",
             LinkState::Down => "disconnected",
         };
+        // Both rows fit 80 columns (F1): the session ID is on the status line's left, not here.
+        let asking = if self.tunnel.on_screen().is_some() { ", request waiting" } else { "" };
         let row = format!(
-            "{} | relay: {} | viewers: {} | mode: {} | tunnel: {}{}",
-            self.cfg.session_id,
+            "relay: {} | viewers: {} | mode: {} | tunnel: {}{asking}{}",
             link,
             self.viewers,
             self.cfg.mode.as_str(),
             self.tunnel.state().wire(),
-            if self.tunnel.brb() { " | BRB: support keystrokes paused" } else { "" }
+            if self.tunnel.brb() { " | BRB" } else { "" }
         );
         self.chat_send("S1", row.as_bytes());
         if self.tmux.is_some() {
             let brb = if self.tunnel.brb() { " | BRB" } else { "" };
-            let short = format!("relay {link} | viewers {} | tunnel {}{brb}", self.viewers, self.tunnel.state().wire());
+            let short = format!("{link} | viewers {} | tunnel {}{brb}", self.viewers, self.tunnel.state().wire());
             let f = self.tmux.as_ref().map(|t| t.features).unwrap_or_else(|| tmux::Features::from_version(None));
             for cmd in ui::status_commands(&f, &self.cfg, &short) {
                 self.tmux_cmd(&cmd, Pending::Ignore);
@@ -681,15 +701,19 @@ impl Daemon {
                     }
                 }
             }
-            Pending::Clients(req, cmd_tail) => {
+            Pending::Clients { req, cmd: cmd_tail, again } => {
                 // The popup goes to the customer's own client, not to our control client.
-                let client = body
-                    .iter()
-                    .map(|l| String::from_utf8_lossy(l).into_owned())
-                    .find(|l| l.ends_with(" 0"))
-                    .and_then(|l| l.split(' ').next().map(str::to_string));
+                let client = body.iter().map(|l| String::from_utf8_lossy(l).into_owned()).find_map(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    match f.as_slice() {
+                        [name, "0", activity] => Some((name.to_string(), activity.parse::<u64>().unwrap_or(0))),
+                        _ => None,
+                    }
+                });
                 match client {
-                    Some(c) => {
+                    // Shown again only to a customer who stopped typing: never mid-word (F1).
+                    Some((_, activity)) if again && now_unix().saturating_sub(activity) < POPUP_IDLE_SECS => {}
+                    Some((c, _)) => {
                         // display-menu names its client with -c, command-prompt with -t.
                         let flag = if cmd_tail.starts_with("command-prompt") { "-t" } else { "-c" };
                         let target = format!("{flag} {} ", tmux::quote(&c));
@@ -748,7 +772,14 @@ impl Daemon {
             }
             return;
         }
-        self.requesters.push((req.clone(), from_shown.clone()));
+        let shown: Vec<String> = authkeys::validate_keys(&keys)
+            .unwrap_or_default()
+            .iter()
+            .map(|k| ui::fingerprint(k).unwrap_or_else(|| "(a key ssh-keygen would not fingerprint)".into()))
+            .collect();
+        let n = self.next_ask;
+        self.next_ask = self.next_ask % 999_999_999 + 1;
+        self.requesters.push(Requester { req: req.clone(), n, from: from_shown.clone(), keys: shown });
         if self.requesters.len() > 64 {
             self.requesters.remove(0);
         }
@@ -757,7 +788,19 @@ impl Daemon {
     }
 
     fn requester(&self, req: &str) -> String {
-        self.requesters.iter().rev().find(|(r, _)| r == req).map(|(_, f)| f.clone()).unwrap_or_default()
+        self.requesters.iter().rev().find(|r| r.req == req).map(|r| r.from.clone()).unwrap_or_default()
+    }
+
+    /// What the customer is asked for request `req`.
+    fn ask(&self, req: &str) -> Option<ui::Ask> {
+        let r = self.requesters.iter().rev().find(|r| r.req == req)?;
+        Some(ui::Ask {
+            n: r.n,
+            from: r.from.clone(),
+            user: self.cfg.user.clone(),
+            target: format!("{}:{}", self.cfg.target_host, self.cfg.target_port),
+            keys: r.keys.clone(),
+        })
     }
 
     /// Carry out what the tunnel state machine decided. `closed_as` names who closed the tunnel.
@@ -804,25 +847,35 @@ impl Daemon {
     }
 
     fn popup(&mut self, req: &str, from: &str) {
-        let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
-        let Some(features) = self.tmux.as_ref().map(|t| t.features) else {
+        let (Some(features), Some(ask)) = (self.tmux.as_ref().map(|t| t.features), self.ask(req)) else {
             // No terminal to ask on (foreground --tunnel after a revoke): nobody can say yes.
             self.tell(&format!("tunnel request from {from} denied: no terminal to confirm it on"));
             let fx = self.tunnel.answer(req, false);
             self.apply(fx, protocol::CloseReason::Revoked);
             return;
         };
-        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
-        let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, req, from, &target, &features);
-        self.chat_show(&format!("support ({from}) asks for an SSH tunnel to {target}: answer the popup"));
-        self.show_popup(req, cmd);
+        // The chat pane says the same as the popup, so a dismissed popup loses nothing.
+        let width =
+            self.tmux.as_ref().map_or(ui::SCREEN_COLS, |t| usize::from(t.size.0)).clamp(40, ui::SCREEN_COLS) - 2;
+        self.chat_show(&format!("tunnel request {}:", ask.n));
+        for line in ui::ask_lines(&ask, width) {
+            self.chat_show(&format!("  {line}"));
+        }
+        self.chat_show(&format!("  answer in the popup: Deny, or Grant and type {}", ui::GRANT_WORD));
+        let cmd = self.popup_command(&ask, &features);
+        self.show_popup(req, cmd, false);
     }
 
-    fn show_popup(&mut self, req: &str, cmd: String) {
+    fn popup_command(&self, ask: &ui::Ask, features: &tmux::Features) -> String {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
+        ui::upgrade_prompt_command(&exe, &self.dir.path, ask, features)
+    }
+
+    fn show_popup(&mut self, req: &str, cmd: String, again: bool) {
         self.popup_again_at = Some(Instant::now() + POPUP_AGAIN);
         self.tmux_cmd(
-            "list-clients -F '#{client_name} #{client_control_mode}'",
-            Pending::Clients(req.to_string(), cmd),
+            "list-clients -F '#{client_name} #{client_control_mode} #{client_activity}'",
+            Pending::Clients { req: req.to_string(), cmd, again },
         );
     }
 
@@ -1013,8 +1066,14 @@ impl Daemon {
                 }
                 _ => self.log.line("ctl: bad chat line dropped"),
             },
-            ["answer", req, verdict @ ("grant" | "deny")] => {
-                let fx = self.tunnel.answer(req, *verdict == "grant");
+            ["answer", n, verdict @ ("grant" | "deny")] => {
+                // The popup names the request by our own number (F2); an unknown number does nothing.
+                let n = n.parse::<u32>().ok();
+                let req = self.requesters.iter().rev().find(|r| Some(r.n) == n).map(|r| r.req.clone());
+                let Some(req) = req else {
+                    return self.log.line("ctl: answer for an unknown request dropped");
+                };
+                let fx = self.tunnel.answer(&req, *verdict == "grant");
                 self.apply(fx, protocol::CloseReason::Revoked);
                 self.send_state();
             }
@@ -1267,11 +1326,12 @@ impl Daemon {
         }
         if self.popup_again_at.is_some_and(|r| now >= r) {
             self.popup_again_at = None;
-            if let (Some((req, from)), Some(f)) = (self.tunnel.on_screen(), self.tmux.as_ref().map(|t| t.features)) {
-                let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
-                let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
-                let cmd = ui::upgrade_prompt_command(&exe, &self.dir.path, &req, &from, &target, &f);
-                self.show_popup(&req, cmd);
+            let f = self.tmux.as_ref().map(|t| t.features);
+            if let (Some((req, _)), Some(f)) = (self.tunnel.on_screen(), f) {
+                if let Some(ask) = self.ask(&req) {
+                    let cmd = self.popup_command(&ask, &f);
+                    self.show_popup(&req, cmd, true);
+                }
             }
         }
         if let Some(r) = self.retry_at {

@@ -221,7 +221,12 @@ pub fn cheat_sheet_command(prefix: &str, f: &Features) -> String {
 /// The right side of our status line. `#{@linbit-status}` is set by the daemon; tmux before 2.7
 /// cannot read options in formats, so there the daemon rewrites the whole line with `status` in it.
 fn status_right(prefix: &str, status: Option<&str>, f: &Features) -> String {
-    let right = format!(" | prefix {p} | F1 menu | {p} ? help ", p = fmt_escape(&display_key(prefix)));
+    // The whole line fits 80 columns (F1); the prefix is on the pane labels where tmux draws them.
+    let right = if f.pane_border_status {
+        " | F1 menu ".to_string()
+    } else {
+        format!(" | F1 menu | prefix {} ", fmt_escape(&display_key(prefix)))
+    };
     match status {
         _ if f.has(Feat::OptionFormats) => format!("#{{@linbit-status}}{right}"),
         Some(s) => format!("{}{right}", fmt_escape(s)),
@@ -275,7 +280,13 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
             Mode::Restricted => "watch-only",
             Mode::Tunnel => "tunnel",
         };
-        let left = format!(" linbit-tunl {} [{mode}] ", cfg.session_id);
+        // The whole line fits 80 columns (F1): the session ID, the daemon's state, where the menu is.
+        // The prefix is on the pane labels where tmux draws them.
+        let left = if cfg.mode == Mode::Share {
+            format!(" {} ", cfg.session_id)
+        } else {
+            format!(" {} [{mode}] ", cfg.session_id)
+        };
         line(&mut c, &format!("set-option -g status-left {}", quote(&fmt_escape(&left))));
         line(&mut c, &format!("set-option -g status-right {}", quote(&status_right(prefix, None, f))));
         // The window list would only show our hidden daemon window.
@@ -535,37 +546,149 @@ pub fn reset_layout_commands(shell: u32, chat: Option<u32>, exe: &Path, dir: &Pa
     cmds
 }
 
-/// The Grant/Deny prompt for tunnel request `req` (a control-mode line). `from` must already be
-/// neutralised (no control characters); it is escaped here for tmux formats.
-pub fn upgrade_prompt_command(exe: &Path, dir: &Path, req: &str, from: &str, target: &str, f: &Features) -> String {
-    let grant = ctl_command(exe, dir, &["answer", req, "grant"]);
-    let deny = ctl_command(exe, dir, &["answer", req, "deny"]);
-    let who = fmt_escape(from);
-    let target = fmt_escape(target);
+/// Everything the customer is told about a tunnel request before deciding (F1). Strings must already
+/// be neutralised (no control characters); they are escaped here for tmux formats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    /// The daemon's own number for the request: the only thing of it that travels in a command line
+    /// (F2). The relay's request ID never does.
+    pub n: u32,
+    pub from: String,
+    /// The account support logs in as.
+    pub user: String,
+    /// `HOST:PORT` the reverse tunnel leads to.
+    pub target: String,
+    /// One line per key, as `ssh-keygen -lf` prints it (`fingerprint`).
+    pub keys: Vec<String>,
+}
+
+/// Widest line of ours: every screen fits an 80-column terminal (a menu adds 4 columns of frame).
+pub const SCREEN_COLS: usize = 80;
+/// Most lines of text a popup shows; further keys are counted (all are in the chat pane).
+const POPUP_LINES: usize = 16;
+/// The word that grants. Typing cannot produce it by accident: it must be typed into a prompt that
+/// only opens after choosing Grant, which is neither preselected nor on a shortcut key.
+pub const GRANT_WORD: &str = "GRANT";
+
+/// A key line (`TYPE BASE64 [COMMENT]`, as `authkeys::validate_keys` returns them) as
+/// `ssh-keygen -lf` prints it: `BITS SHA256:... COMMENT (TYPE)`.
+pub fn fingerprint(line: &str) -> Option<String> {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut it = line.splitn(3, ' ');
+    let (ty, b64) = (it.next()?, it.next()?);
+    let comment = it.next().map(str::trim).filter(|c| !c.is_empty()).unwrap_or("no comment");
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let (bits, kind) = match ty {
+        "ssh-ed25519" => (256, "ED25519"),
+        "sk-ssh-ed25519@openssh.com" => (256, "ED25519-SK"),
+        "sk-ecdsa-sha2-nistp256@openssh.com" => (256, "ECDSA-SK"),
+        "ecdsa-sha2-nistp256" => (256, "ECDSA"),
+        "ecdsa-sha2-nistp384" => (384, "ECDSA"),
+        "ecdsa-sha2-nistp521" => (521, "ECDSA"),
+        "ssh-rsa" => (rsa_bits(&blob)?, "RSA"),
+        _ => return None,
+    };
+    let fp = base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(&blob));
+    Some(format!("{bits} SHA256:{fp} {comment} ({kind})"))
+}
+
+/// The modulus size of an `ssh-rsa` blob (`string type, mpint e, mpint n`).
+fn rsa_bits(blob: &[u8]) -> Option<usize> {
+    let mut rest = blob;
+    let mut field = || {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let f = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        Some(f)
+    };
+    let (_, _, n) = (field()?, field()?, field()?);
+    let lead = n.iter().position(|&b| b != 0).unwrap_or(n.len());
+    Some((n.len() - lead) * 8 - n.get(lead).map_or(0, |b| b.leading_zeros() as usize))
+}
+
+/// Cut `s` to `max` characters, marking the cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(3)).collect();
+    out.push_str("...");
+    out
+}
+
+/// A key line in lines of at most `max` columns: whole if it fits, else the fingerprint on one line
+/// and the comment with the type on the next, so the fingerprint is never what gives way.
+fn key_fit(line: &str, max: usize) -> Vec<String> {
+    if line.chars().count() <= max {
+        return vec![line.to_string()];
+    }
+    // `BITS SHA256:FP COMMENT (TYPE)`: BITS and FP contain no spaces.
+    let mut parts = line.splitn(3, ' ');
+    let (Some(bits), Some(fp), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        return vec![clip(line, max)];
+    };
+    vec![clip(&format!("{bits} {fp}"), max), clip(&format!("    {rest}"), max)]
+}
+
+/// The lines of text a request is shown with (popup body and chat), each at most `cols` wide.
+pub fn ask_lines(a: &Ask, cols: usize) -> Vec<String> {
+    let mut v = vec![
+        clip(&format!("{} asks to log in over SSH", a.from), cols),
+        clip(&format!("as {} on {}, not shown in this terminal,", a.user, a.target), cols),
+        clip(
+            &format!(
+                "with {}:",
+                if a.keys.len() == 1 { "this key".to_string() } else { format!("{} keys", a.keys.len()) }
+            ),
+            cols,
+        ),
+    ];
+    v.extend(a.keys.iter().flat_map(|k| key_fit(k, cols)));
+    v
+}
+
+/// The Grant/Deny popup for a request (a control-mode line). Deny is the first choice (preselected
+/// where tmux preselects) and on the `d` key; Grant has no key, and choosing it only opens a prompt
+/// that grants when `GRANT` is typed. Anything else typed there denies. Kept in one function so the
+/// rendering can be adapted per tmux version without touching what grants.
+pub fn upgrade_prompt_command(exe: &Path, dir: &Path, a: &Ask, f: &Features) -> String {
+    let n = a.n.to_string();
+    let grant = ctl_command(exe, dir, &["answer", &n, "grant"]);
+    let deny = ctl_command(exe, dir, &["answer", &n, "deny"]);
+    let prompt = clip(
+        &format!("Type {GRANT_WORD} to let {} log in as {} (anything else denies): ", a.from, a.user),
+        SCREEN_COLS - 2,
+    );
+    // `%%` is what the customer typed; the comparison is tmux's, so the text never reaches a shell.
+    let check =
+        format!("if-shell -F {} {} {}", quote(&format!("#{{==:%%,{GRANT_WORD}}}")), quote(&grant), quote(&deny));
+    let confirm = format!("command-prompt -p {} {}", quote(&fmt_escape(&prompt)), quote(&check));
     if f.menu {
-        format!(
-            "display-menu -T {} -x C -y C {} g {} {} d {}",
-            quote(&format!("#[align=centre]Support ({who}) asks for an SSH tunnel to {target}")),
-            quote("Grant"),
-            quote(&grant),
-            quote("Deny"),
-            quote(&deny)
-        )
+        let mut lines = ask_lines(a, SCREEN_COLS - 6);
+        // 24 rows: the menu's frame, title, separator and two choices leave room for 16 lines of text.
+        if lines.len() > POPUP_LINES {
+            let shown = lines[3..POPUP_LINES - 1].iter().filter(|l| l.contains(" SHA256:")).count();
+            lines.truncate(POPUP_LINES - 1);
+            lines.push(format!("... and {} more keys (listed in the chat pane)", a.keys.len() - shown));
+        }
+        let mut s = format!("display-menu -T {} -x C -y C --", quote(&format!("#[align=centre]Tunnel request {n}")));
+        for l in lines {
+            // A leading '-' shows the line disabled: text only, nothing to choose.
+            s.push_str(&format!(" {} '' ''", quote(&format!("-{}", fmt_escape(&l)))));
+        }
+        s.push_str(" ''");
+        // display-menu expands formats in item commands when it builds the menu: escaped once more,
+        // or the comparison would be decided (false) before anything is typed.
+        s.push_str(&format!(" {} d {}", quote("Deny"), quote(&fmt_escape(&deny))));
+        let grant_item = format!("Grant (then type {GRANT_WORD})");
+        s.push_str(&format!(" {} '' {}", quote(&grant_item), quote(&fmt_escape(&confirm))));
+        s
     } else {
-        // One key: y grants, anything else denies. The answer is passed through the shell as %1.
-        let sh = format!(
-            "case %1 in y|Y) w=grant;; *) w=deny;; esac; exec {} __ctl {} answer {} $w",
-            sh_quote(&exe.to_string_lossy()),
-            sh_quote(&dir.to_string_lossy()),
-            sh_quote(req)
-        );
-        // tmux 1.8 has no one-key prompt: the answer ends with Enter there.
-        let (one, hint) = if f.has(Feat::PromptOneKey) { ("-1 ", "y/n") } else { ("", "y/n, Enter") };
-        format!(
-            "command-prompt {one}-p {} {}",
-            quote(&format!("Support ({who}) asks for an SSH tunnel to {target}. Grant? ({hint})")),
-            quote(&format!("run-shell -b {}", quote(&fmt_escape(&sh))))
-        )
+        // No menu on this tmux: the prompt itself, which names who asks, is the popup.
+        let mut p = format!("{} asks to log in as {} on {}. ", a.from, a.user, a.target);
+        p.push_str(&format!("Type {GRANT_WORD} to allow: "));
+        format!("command-prompt -p {} {}", quote(&fmt_escape(&clip(&p, SCREEN_COLS - 2))), quote(&check))
     }
 }
 
@@ -733,20 +856,72 @@ mod tests {
         for cmd in [
             menu_command(exe, &dir, &f),
             cheat_sheet_command("C-a", &f),
-            upgrade_prompt_command(exe, &dir, "r1", "Eve #{evil}", "localhost:22", &f),
-            upgrade_prompt_command(
-                exe,
-                &dir,
-                "r1",
-                "Eve",
-                "localhost:22",
-                &Features::from_version(Some(f.version.min((2, 9)))),
-            ),
+            upgrade_prompt_command(exe, &dir, &ask("Eve #{evil}", 1), &f),
+            upgrade_prompt_command(exe, &dir, &ask("Eve", 16), &f),
+            upgrade_prompt_command(exe, &dir, &ask("Eve", 1), &Features::from_version(Some(f.version.min((2, 9))))),
         ] {
             let line = format!("bind-key F5 {cmd}\n");
             std::fs::write(dir.join("x.conf"), line).unwrap();
             let out = tmux(&["source-file".into(), dir.join("x.conf").to_string_lossy().into_owned()]);
             assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
         }
+    }
+
+    fn ask(from: &str, keys: usize) -> Ask {
+        let key =
+            "256 SHA256:6k0oepy8XLeypW1FnyMNTWsgTqjR1G/QbNfmkBhOmAE a-rather-long-comment@support.linbit.com (ED25519)";
+        Ask {
+            n: 7,
+            from: from.into(),
+            user: "root".into(),
+            target: "127.0.0.1:22".into(),
+            keys: vec![key.into(); keys],
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_what_ssh_keygen_prints() {
+        let dir = std::env::temp_dir().join(format!("tunl-fp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (ty, bits) in [("ed25519", ""), ("rsa", "3072"), ("ecdsa", "384"), ("ecdsa", "521")] {
+            let key = dir.join(format!("k-{ty}{bits}"));
+            let mut cmd = std::process::Command::new("ssh-keygen");
+            cmd.args(["-q", "-N", "", "-C", "eng@linbit.com", "-t", ty]).arg("-f").arg(&key);
+            if !bits.is_empty() {
+                cmd.args(["-b", bits]);
+            }
+            assert!(cmd.status().unwrap().success());
+            let pubfile = key.with_extension("pub");
+            let line = std::fs::read_to_string(&pubfile).unwrap();
+            let lf = std::process::Command::new("ssh-keygen").arg("-lf").arg(&pubfile).output().unwrap();
+            assert_eq!(fingerprint(line.trim()).as_deref(), Some(String::from_utf8_lossy(&lf.stdout).trim()), "{ty}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(fingerprint("ssh-ed25519 !!!"), None);
+        assert_eq!(fingerprint("ssh-dss AAAA"), None);
+    }
+
+    #[test]
+    fn a_request_reads_on_80_columns_and_24_rows() {
+        let exe = Path::new("/usr/local/bin/linbit-tunl");
+        let dir = Path::new("/tmp/linbit-tunl-0123456789ab");
+        let a = ask("eng@linbit.com", 16);
+        let lines = ask_lines(&a, SCREEN_COLS - 6);
+        assert!(lines.iter().all(|l| l.chars().count() <= SCREEN_COLS - 6), "{lines:#?}");
+        // The fingerprint is never cut; the comment moves to its own line.
+        assert!(lines.contains(&"256 SHA256:6k0oepy8XLeypW1FnyMNTWsgTqjR1G/QbNfmkBhOmAE".to_string()), "{lines:#?}");
+        let cmd = upgrade_prompt_command(exe, dir, &a, &Features::from_version(Some((3, 3))));
+        // Frame (2) + title in the frame + text + separator + Deny + Grant fit 24 rows.
+        let items = cmd.matches(" '' ''").count();
+        assert!(items <= POPUP_LINES && items + 2 + 3 <= 24, "{items} lines: {cmd}");
+        assert!(cmd.contains("more keys (listed in the chat pane)"), "{cmd}");
+        // Deny comes first and has the only shortcut; Grant has none and only opens the prompt.
+        let deny = cmd.find("'Deny' d").expect("Deny on d");
+        let grant = cmd.find("'Grant (then type GRANT)' ''").expect("Grant without a key");
+        assert!(deny < grant);
+        assert!(cmd[grant..].starts_with("'Grant (then type GRANT)' '' 'command-prompt "), "{cmd}");
+        // The relay's request ID is nowhere in it; our number is.
+        assert!(cmd.contains("answer") && cmd.contains("'7'"), "{cmd}");
     }
 }

@@ -340,6 +340,11 @@ struct Customer {
 
 impl Customer {
     fn start(bed: &Bed, word: &str, args: &[&str]) -> Customer {
+        Customer::start_sized(bed, word, args, (160, 45))
+    }
+
+    /// In a terminal of `cols` x `rows`.
+    fn start_sized(bed: &Bed, word: &str, args: &[&str], (cols, rows): (u16, u16)) -> Customer {
         let id = unique_id(word);
         bed.relay.register(&id, Some(TOKEN));
         let s = bed.scratch.path();
@@ -368,7 +373,7 @@ impl Customer {
             .arg(&outer)
             .arg("-f")
             .arg(&conf)
-            .args(["new-session", "-d", "-s", "cust", "-x", "160", "-y", "45", &sh])
+            .args(["new-session", "-d", "-s", "cust", "-x", &cols.to_string(), "-y", &rows.to_string(), &sh])
             .env_remove("TMUX")
             .stdin(Stdio::null())
             .status()
@@ -457,8 +462,18 @@ fn answer_to(conn: &mut Conn, req: &str, deadline: Instant) -> Option<String> {
     })
 }
 
+/// The menu itself (the chat pane repeats its text, not its title or Deny's key).
 fn popup_shown(s: &str) -> bool {
-    s.contains("asks for an SSH tunnel") && s.contains("Grant") && s.contains("Deny")
+    s.contains("Tunnel request") && s.contains("asks to log in over SSH") && s.contains("(d)")
+}
+
+impl Customer {
+    /// The deliberate grant: choose Grant in the popup (it has no key), then type the word.
+    fn grant(&self) {
+        self.keys(&["Up", "Enter"]);
+        assert!(self.wait_screen(secs(10), |s| s.contains("Type GRANT")), "no confirmation prompt\n{}", self.screen());
+        self.keys(&["G", "R", "A", "N", "T", "Enter"]);
+    }
 }
 
 fn state_line(conn: &mut Conn, tunnel: &str) -> bool {
@@ -490,7 +505,7 @@ fn share_mode_popup_deny_grant_and_revoke() {
     // Grant: keys installed, forward to --target, login works.
     conn.send(&bed.upgrade("p2"));
     assert!(cust.wait_screen(secs(15), popup_shown), "no popup\n{}", cust.diag());
-    cust.keys(&["g"]);
+    cust.grant();
     let open = answer_to(&mut conn, "p2", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
     assert!(open.starts_with("TUNNEL_OPEN "), "{open}\n{}", cust.diag());
     assert_eq!(line_field(&open, "user"), Some("root"));
@@ -585,7 +600,7 @@ fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
     let cust = Customer::start(&bed, "tqueue", &["--target", &target]);
     let mut conn = cust.connected(&bed);
     let key = format!("{}\n", bed.key.public_line);
-    let title = |who: &str| format!("Support ({who}) asks for an SSH tunnel");
+    let title = |who: &str| format!("{who} asks to log in over SSH");
 
     conn.send(&upgrade_line("q1", "first@linbit.com", &key));
     assert!(
@@ -597,7 +612,7 @@ fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
     cust.keys(&["Escape"]);
     assert!(cust.wait_screen(secs(4), |s| !popup_shown(s)), "Escape did not close the popup\n{}", cust.screen());
     assert!(
-        cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
+        cust.wait_screen(secs(30), |s| popup_shown(s) && s.contains(&title("first@linbit.com"))),
         "a dismissed popup never came back\n{}",
         cust.diag()
     );
@@ -619,7 +634,7 @@ fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
         "no popup for the queued request\n{}",
         cust.diag()
     );
-    cust.keys(&["g"]);
+    cust.grant();
     let a2 = answer_to(&mut conn, "q2", secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
     assert!(a2.starts_with("TUNNEL_OPEN "), "{a2}");
     assert!(login_works(port_of(&a2), &bed.key));
@@ -771,4 +786,86 @@ fn a_killed_daemon_takes_master_and_keys_with_it_and_the_customer_is_told() {
     assert_eq!(cust.exit_status(), Some(1));
     let left = wait_no_processes(&dir.join("ssh-ctl.sock").display().to_string(), secs(5));
     assert!(left.is_empty(), "ssh master outlived the daemon: {left:?}");
+}
+
+// ---- issue 9, F1 and F2: only a deliberate act grants; the customer sees who, as whom, where, and
+// which keys; the relay's request IDs never reach a command line -----------------------------------
+
+fn informed_popup(s: &str) -> bool {
+    popup_shown(s)
+}
+
+#[test]
+fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
+    let bed = Bed::new("tinform");
+    let target = bed.target_arg();
+    let watch = FileWatch::start(&bed.authkeys());
+    let cust = Customer::start_sized(&bed, "tinform", &["--target", &target], (80, 24));
+    let mut conn = cust.connected(&bed);
+    // A request ID with every token byte tmux or a shell could trip over (F2).
+    let req = "p:1@x+y=/%,";
+    conn.send(&bed.upgrade(req));
+    assert!(cust.wait_screen(secs(15), informed_popup), "no popup\n{}", cust.diag());
+    let screen = cust.screen();
+    let pubfile = bed.key.private_path.with_extension("pub");
+    let lf = Command::new("ssh-keygen").arg("-lf").arg(&pubfile).output().unwrap();
+    let lf = String::from_utf8_lossy(&lf.stdout).trim().to_string();
+    // `BITS SHA256:FP COMMENT (TYPE)`; at 80 columns the comment may go on the next line.
+    let (fp, rest) = lf.split_at(lf.find(" support@").unwrap_or_else(|| panic!("{lf}")));
+    assert!(fp.contains(" SHA256:"), "{lf}");
+    for want in ["eng@linbit.com asks to log in over SSH", &format!("as root on {target}"), fp, rest.trim()] {
+        assert!(screen.contains(want), "the popup does not say {want:?}:\n{screen}");
+    }
+    // The status line and the chat pane's status row fit 80 columns whole.
+    let status = screen.lines().last().unwrap_or("").to_string();
+    assert!(status.contains("tunnel confirm") && status.contains("F1 menu"), "status line cut: {status:?}");
+
+    // What a customer types for the shell the moment the popup appears grants nothing: not `g`, not
+    // Enter (preselected first item on tmux >= 3.4), not `y`, not even the word itself.
+    for k in ["g", "Enter", "y", "Enter", "G", "R", "A", "N", "T", "Enter"] {
+        cust.keys(&[k]);
+    }
+    conn.send("PING 11");
+    assert!(conn.wait_for(secs(10), |l| l == "PONG 11").is_some(), "{:?}", conn.lines());
+    assert!(
+        !conn.lines().iter().any(|l| l.starts_with("TUNNEL_OPEN")),
+        "typing granted the request: {:?}",
+        conn.lines()
+    );
+    // Dismissed: it does not come back while the customer keeps typing...
+    cust.keys(&["Escape"]);
+    let row = |s: &str| {
+        s.lines().any(|l| l.starts_with("relay: connected") && l.ends_with("tunnel: confirm, request waiting"))
+    };
+    assert!(cust.wait_screen(secs(5), row), "chat status row cut:\n{}", cust.screen());
+    let until_t = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until_t {
+        cust.keys(&["x"]);
+        assert!(!informed_popup(&cust.screen()), "the popup came back in the middle of typing\n{}", cust.screen());
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    cust.keys(&["C-u"]);
+    // ...and does once they stop.
+    assert!(cust.wait_screen(secs(30), informed_popup), "a dismissed popup never came back\n{}", cust.diag());
+    assert!(!watch.ever(), "keys were written without a grant");
+
+    // The deliberate way: choose Grant (no shortcut key), then type the word.
+    cust.keys(&["Up", "Enter"]);
+    assert!(cust.wait_screen(secs(10), |s| s.contains("Type GRANT")), "no confirmation prompt\n{}", cust.screen());
+    cust.keys(&["G", "R", "A", "N", "T", "Enter"]);
+    let open = answer_to(&mut conn, req, secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(open.starts_with("TUNNEL_OPEN "), "{open}");
+    assert!(login_works(port_of(&open), &bed.key));
+
+    // A second request: a word other than GRANT denies it.
+    cust.keys(&["C-b", "U"]);
+    assert!(state_line(&mut conn, "confirm"), "{:?}", conn.lines());
+    conn.send(&bed.upgrade("p2"));
+    assert!(cust.wait_screen(secs(15), informed_popup), "no popup\n{}", cust.diag());
+    cust.keys(&["Up", "Enter"]);
+    assert!(cust.wait_screen(secs(10), |s| s.contains("Type GRANT")), "no confirmation prompt\n{}", cust.screen());
+    cust.keys(&["y", "e", "s", "Enter"]);
+    let ans = answer_to(&mut conn, "p2", secs(10)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
+    assert!(!has_block(&bed.authkeys()));
 }

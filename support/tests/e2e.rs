@@ -342,8 +342,15 @@ fn engineer_and_customer_end_to_end() {
     a.term.keys(&["C-b", "c"]);
     a.term.text("/upgrade");
     a.term.keys(&["Enter"]);
-    assert!(cust.wait(secs(20), |sc| sc.contains("Grant") && sc.contains("Deny")), "{}", diag("customer", &cust));
-    cust.keys(&["g"]);
+    assert!(
+        cust.wait(secs(20), |sc| sc.contains("Tunnel request") && sc.contains("Deny")),
+        "{}",
+        diag("customer", &cust)
+    );
+    // Grant has no key (issue 9, F1): choose it, then type the word.
+    cust.keys(&["Up", "Enter"]);
+    assert!(cust.wait(secs(10), |sc| sc.contains("Type GRANT")), "{}", diag("customer", &cust));
+    cust.keys(&["G", "R", "A", "N", "T", "Enter"]);
     assert!(a.term.wait(secs(30), |sc| sc.contains("tunnel granted")), "{}", diag("alice", &a.term));
     let out = alice.tunl(&["ssh", &id, "--", "id", "-un"]);
     assert_eq!(
