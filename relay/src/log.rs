@@ -20,9 +20,27 @@ pub fn format(pid: u32, level: &str, event: &str, fields: &[(&str, &str)]) -> St
     s
 }
 
+static SYSLOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Also send every line to syslog (authpriv): `pam_exec` throws a command's stderr away, so
+/// `pam-ki`'s decisions would otherwise reach no journal.
+pub fn use_syslog() {
+    // SAFETY: openlog keeps the pointer: the identity is a 'static C string.
+    unsafe { libc::openlog(c"tunl-relay".as_ptr(), libc::LOG_PID, libc::LOG_AUTHPRIV) };
+    SYSLOG.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 pub fn event(level: &str, event: &str, fields: &[(&str, &str)]) {
     let line = format(std::process::id(), level, event, fields);
     let _ = writeln!(std::io::stderr().lock(), "{line}");
+    if SYSLOG.load(std::sync::atomic::Ordering::SeqCst) {
+        // The line is ASCII without NUL (values are percent-encoded), so CString cannot fail.
+        if let Ok(c) = std::ffi::CString::new(line) {
+            let prio = if level == "warn" { libc::LOG_WARNING } else { libc::LOG_INFO };
+            // SAFETY: a "%s" format with one valid C string argument.
+            unsafe { libc::syslog(prio, c"%s".as_ptr(), c.as_ptr()) };
+        }
+    }
 }
 
 pub fn info(ev: &str, fields: &[(&str, &str)]) {

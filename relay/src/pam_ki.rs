@@ -41,6 +41,7 @@ pub fn pam_ki(layout: &Layout) -> u8 {
     if std::env::var("PAM_TYPE").is_ok_and(|t| t != "auth") {
         return 0;
     }
+    log::use_syslog();
     let rhost = std::env::var("PAM_RHOST").unwrap_or_default();
     let user = std::env::var("PAM_USER").unwrap_or_default();
     let cfg = match Config::load(layout) {
