@@ -404,6 +404,23 @@ impl Sqlite {
 
     fn setup(conn: Connection) -> Result<Sqlite> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Persistent WAL: the last connection to close must not delete `-wal` and `-shm`. Else
+        // whichever process opens next recreates them as its own user (an engineer's `-shm`,
+        // 0660 eng:tunl-support, which the customers' account cannot open: "unable to open
+        // database file" in produce and the broker). Kept, they stay as `init` made them.
+        let mut persist: std::os::raw::c_int = 1;
+        // SAFETY: a valid open handle; the opcode takes a pointer to an int, as given.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+                (&mut persist as *mut std::os::raw::c_int).cast(),
+            )
+        };
+        if rc != rusqlite::ffi::SQLITE_OK && rc != rusqlite::ffi::SQLITE_NOTFOUND {
+            return Err(Error(format!("persistent WAL: sqlite error {rc}")));
+        }
         // WAL: readers never wait for the one writer; many short-lived processes share the file.
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
