@@ -212,7 +212,7 @@ fn support_session_end_to_end() {
     );
     join.wait(30, |l, _| l.starts_with("SNAP size=")).unwrap_or_else(|| panic!("no SNAP: {}", join.diag()));
     // The customer's terminal counts the viewer.
-    assert!(cust.wait_screen(30, |s| (s.contains("viewers: 1 ") || s.contains("viewers 1 "))), "{}", cust.screen());
+    assert!(cust.wait_screen(30, |s| s.contains("viewers: 1 ") || s.contains("viewers 1 ")), "{}", cust.screen());
 
     // Keystrokes round trip: typed by support, run by the customer's shell, seen by both.
     join.send(&format!("K {}", wire::b64(b"echo RT-$((40+2))\r")));
@@ -317,7 +317,12 @@ fn tunnel_granted_used_and_revoked() {
         relay.log_text()
     );
     let (x, _) = support(&relay, &eng, "tunl-support/1 list");
-    assert!(x.iter().any(|l| l.contains(&id) && l.ends_with(&format!(" port={p}"))), "{x:?}");
+    assert!(
+        x.iter().any(|l| l.contains(&id) && l.ends_with(&format!(" port={p}"))),
+        "{x:?}\n{}\n{}",
+        audit(&relay, &id),
+        std::fs::read_to_string(relay.layout.audit().join(format!("{id}.log"))).unwrap_or_default()
+    );
 
     // Revoke: the forward and the key go; the login fails now.
     let (x, ok) = support(&relay, &eng, &format!("tunl-support/1 revoke id={id}"));
@@ -373,7 +378,7 @@ fn misbehaving_engineers_and_a_second_customer() {
         .spawn()
         .unwrap();
     let mut stuck = KillOnDrop(stuck);
-    assert!(cust.wait_screen(30, |s| (s.contains("viewers: 2 ") || s.contains("viewers 2 "))), "{}", cust.screen());
+    assert!(cust.wait_screen(30, |s| s.contains("viewers: 2 ") || s.contains("viewers 2 ")), "{}", cust.screen());
     // 40 MB of output: far more than the stuck viewer's queue and every buffer on its way.
     cust.type_line("head -c 40000000 /dev/zero | tr '\\0' x; echo; echo BIG-$((20+3))");
     noisy
@@ -385,7 +390,7 @@ fn misbehaving_engineers_and_a_second_customer() {
             .is_ok_and(|l| l.contains("dropping slow viewer"))
     });
     assert!(dropped, "the stuck viewer was not dropped");
-    assert!(cust.wait_screen(30, |s| (s.contains("viewers: 1 ") || s.contains("viewers 1 "))), "{}", cust.screen());
+    assert!(cust.wait_screen(30, |s| s.contains("viewers: 1 ") || s.contains("viewers 1 ")), "{}", cust.screen());
     let _ = stuck.0.kill();
 
     // A second customer claiming the session is refused busy; the first stays.
