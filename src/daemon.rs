@@ -42,6 +42,12 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(7);
 /// lost. While the menu is still on screen tmux ignores the repeated display-menu.
 const POPUP_AGAIN: Duration = Duration::from_secs(5);
 const POPUP_IDLE_SECS: u64 = 5;
+/// At most one screen capture in flight and one SNAP per this interval, however many REFRESH lines
+/// the relay sends (F3): 8 bytes in must not buy 256 KiB out each.
+const SNAP_EVERY: Duration = Duration::from_secs(1);
+/// What one poll wake-up reads from one pipe at most (F4): the other pipes, timers and signals get
+/// their turn even when a producer refills the pipe as fast as we empty it.
+const READ_BUDGET: usize = 256 << 10;
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +145,10 @@ pub struct Daemon {
     retry_at: Option<Instant>,
     panes_retry_at: Option<Instant>,
     popup_again_at: Option<Instant>,
+    /// Screen captures: one in flight, the next one wanted, when the last SNAP went out.
+    snap_in_flight: bool,
+    snap_at: Option<Instant>,
+    last_snap: Option<Instant>,
     ping_n: u64,
     tmux: Option<TmuxSide>,
     ctl: Option<OwnedFd>,
@@ -193,6 +203,9 @@ impl Daemon {
             retry_at: None,
             panes_retry_at: None,
             popup_again_at: None,
+            snap_in_flight: false,
+            snap_at: None,
+            last_snap: None,
             ping_n: 0,
             tmux: None,
             ctl: None,
@@ -381,7 +394,7 @@ impl Daemon {
         let Some(l) = &mut self.link else { return };
         let fd = l.p.stdout.as_ref().unwrap().as_fd();
         let mut buf = Vec::new();
-        let eof = proc::read_available(fd, &mut buf);
+        let eof = proc::read_budget(fd, &mut buf, READ_BUDGET);
         l.split.push(&buf);
         if !buf.is_empty() {
             l.last_rx = Instant::now();
@@ -411,7 +424,7 @@ impl Daemon {
         let Some(l) = &mut self.link else { return };
         let fd = l.p.stderr.as_ref().unwrap().as_fd();
         let mut buf = std::mem::take(&mut l.errbuf);
-        let eof = proc::read_available(fd, &mut buf);
+        let eof = proc::read_budget(fd, &mut buf, READ_BUDGET);
         l.stderr_eof = eof;
         let mut rest = &buf[..];
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
@@ -571,10 +584,25 @@ impl Daemon {
         }
     }
 
+    /// A SNAP is due. Coalesced (F3): while a capture is in flight or the last SNAP is recent, the
+    /// request only marks one more capture as wanted, taken when its time comes.
     fn request_snap(&mut self) {
+        let now = Instant::now();
+        let due = self.last_snap.map_or(now, |t| t + SNAP_EVERY);
+        if self.snap_in_flight || due > now {
+            self.snap_at = Some(due);
+            return;
+        }
         if let Some(pane) = self.tmux.as_ref().and_then(|t| t.shell) {
+            self.snap_in_flight = true;
+            self.snap_at = None;
             self.tmux_cmd(&format!("capture-pane -p -e -t %{pane}"), Pending::Snap);
         }
+    }
+
+    fn snap_done(&mut self) {
+        self.snap_in_flight = false;
+        self.last_snap = Some(Instant::now());
     }
 
     fn list_panes(&mut self) {
@@ -585,7 +613,7 @@ impl Daemon {
         let Some(t) = &mut self.tmux else { return };
         let fd = t.p.stdout.as_ref().unwrap().as_fd();
         let mut buf = Vec::new();
-        let eof = proc::read_available(fd, &mut buf);
+        let eof = proc::read_budget(fd, &mut buf, READ_BUDGET);
         t.parser.push(&buf);
         t.eof = eof;
         loop {
@@ -627,6 +655,9 @@ impl Daemon {
                     _ => unreachable!(),
                 };
                 let pending = self.tmux.as_mut().and_then(|t| t.pending.pop_front()).unwrap_or(Pending::Ignore);
+                if matches!(pending, Pending::Snap) {
+                    self.snap_done();
+                }
                 if !ok {
                     let b: Vec<String> = body.iter().map(|l| text::neutralize(l, 300)).collect();
                     self.log.line(&format!("tmux refused a command ({pending:?}): {}", b.join(" / ")));
@@ -1008,7 +1039,7 @@ impl Daemon {
     fn on_ctl(&mut self) {
         let Some(fd) = &self.ctl else { return };
         let mut buf = std::mem::take(&mut self.ctlbuf);
-        proc::read_available(fd.as_fd(), &mut buf);
+        proc::read_budget(fd.as_fd(), &mut buf, READ_BUDGET);
         let mut start = 0;
         while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
             let line = String::from_utf8_lossy(&buf[start..start + i]).into_owned();
@@ -1289,6 +1320,9 @@ impl Daemon {
         if let Some(r) = self.mux.deadline() {
             at(r);
         }
+        if let Some(r) = self.snap_at.filter(|_| !self.snap_in_flight) {
+            at(r);
+        }
         if let Some(r) = self.popup_again_at {
             at(r);
         }
@@ -1311,6 +1345,10 @@ impl Daemon {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        if !self.snap_in_flight && self.snap_at.is_some_and(|r| now >= r) {
+            self.snap_at = None;
+            self.request_snap();
+        }
         if self.mux.deadline().is_some_and(|d| now >= d) {
             let out = self.mux.poll(now);
             self.on_mux(out);

@@ -87,6 +87,21 @@ pub fn read_available(fd: BorrowedFd<'_>, out: &mut Vec<u8>) -> bool {
     }
 }
 
+/// Like `read_available`, but stop after about `budget` bytes: the rest stays in the pipe for the
+/// next wake-up of the poll loop, which is level-triggered (F4). True at end of file.
+pub fn read_budget(fd: BorrowedFd<'_>, out: &mut Vec<u8>, budget: usize) -> bool {
+    let mut buf = [0u8; 65536];
+    let start = out.len();
+    while out.len() - start < budget {
+        match read_some(fd, &mut buf) {
+            Read::Data(n) => out.extend_from_slice(&buf[..n]),
+            Read::Eof => return true,
+            Read::WouldBlock => return false,
+        }
+    }
+    false
+}
+
 /// Write as much of `buf[*off..]` as the pipe takes now; Err on a broken pipe.
 pub fn write_some(fd: BorrowedFd<'_>, buf: &[u8], off: &mut usize) -> io::Result<()> {
     while *off < buf.len() {
@@ -179,5 +194,23 @@ mod tests {
         let f = run_with_timeout(Command::new("sleep").arg("30"), Duration::from_millis(200)).unwrap();
         assert!(f.status.is_none());
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_read_stops_at_its_budget_and_leaves_the_rest() {
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        set_nonblocking(r.as_fd()).unwrap();
+        rustix::pipe::fcntl_setpipe_size(&w, 1 << 20).unwrap();
+        let data = vec![7u8; 512 << 10];
+        let mut off = 0;
+        write_some(w.as_fd(), &data, &mut off).unwrap();
+        assert_eq!(off, data.len());
+        let mut out = Vec::new();
+        assert!(!read_budget(r.as_fd(), &mut out, 100 << 10));
+        // The budget, plus at most one buffer: never everything there is.
+        assert!(out.len() >= 100 << 10 && out.len() < (100 << 10) + 65536, "{}", out.len());
+        let mut rest = Vec::new();
+        assert!(!read_available(r.as_fd(), &mut rest));
+        assert_eq!(out.len() + rest.len(), data.len());
     }
 }

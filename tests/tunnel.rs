@@ -869,3 +869,25 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
     assert!(!has_block(&bed.authkeys()));
 }
+
+// ---- issue 9, F3: REFRESH is coalesced ---------------------------------------------------------------
+
+#[test]
+fn a_refresh_flood_costs_a_few_snapshots_not_one_each() {
+    let bed = Bed::new("trefresh");
+    let cust = Customer::start(&bed, "trefresh", &[]);
+    let mut conn = cust.connected(&bed);
+    assert!(conn.wait_verb(secs(10), "SNAP").is_some(), "{:?}", conn.lines());
+    let snaps = |c: &Conn| c.lines().iter().filter(|l| l.starts_with("SNAP ")).count();
+    let before = snaps(&conn);
+    for _ in 0..300 {
+        conn.send("REFRESH");
+    }
+    conn.send("PING 31");
+    assert!(conn.wait_for(secs(20), |l| l == "PONG 31").is_some(), "{:?}", conn.lines());
+    // Whatever was wanted is still delivered: at least one fresh screen arrives.
+    assert!(until(secs(10), || snaps(&conn) > before), "no SNAP after REFRESH");
+    std::thread::sleep(Duration::from_millis(2500)); // let any further (wrong) snapshots arrive
+    let sent = snaps(&conn) - before;
+    assert!(sent <= 5, "{sent} SNAPs for 300 REFRESH lines");
+}
