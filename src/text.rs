@@ -36,7 +36,22 @@ fn render(c: char, out: &mut String) -> usize {
         | '\u{200f}'
         | '\u{061c}'
         | '\u{2028}'
-        | '\u{2029}' => {
+        | '\u{2029}'
+        // Invisible format characters (General_Category=Cf) and variation selectors: they cannot drive
+        // the terminal, but they let one name look like another (`eng\u{200b}@linbit.com`) (F6).
+        | '\u{00ad}'
+        | '\u{180e}'
+        | '\u{200b}'..='\u{200d}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{206a}'..='\u{206f}'
+        | '\u{fe00}'..='\u{fe0f}'
+        | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}'
+        | '\u{110bd}'
+        | '\u{1bca0}'..='\u{1bca3}'
+        | '\u{1d173}'..='\u{1d17a}'
+        | '\u{e0000}'..='\u{e007f}'
+        | '\u{e0100}'..='\u{e01ef}' => {
             out.push(PLACEHOLDER);
             1
         }
@@ -144,5 +159,29 @@ mod tests {
             let s = neutralize(b"\x1b\x1b\x1b\x1b\x1b\x1b\x1b\x1b\x1b\x1b\x1b\x1bxx", max);
             assert!(s.chars().count() <= max, "{max}: {s:?}");
         }
+    }
+
+    #[test]
+    fn invisible_format_characters_are_made_visible() {
+        for c in [
+            '\u{200b}',
+            '\u{200c}',
+            '\u{200d}',
+            '\u{2060}',
+            '\u{2064}',
+            '\u{206a}',
+            '\u{feff}',
+            '\u{00ad}',
+            '\u{fff9}',
+            '\u{e0041}',
+            '\u{fe0f}',
+            '\u{e0100}',
+            '\u{180e}',
+        ] {
+            let name = format!("eng{c}@linbit.com");
+            assert_eq!(neutralize(name.as_bytes(), 64), "eng\u{FFFD}@linbit.com", "U+{:04X}", c as u32);
+        }
+        // Visible text around them is untouched.
+        assert_eq!(neutralize("Grüße, 日本".as_bytes(), 64), "Grüße, 日本");
     }
 }
