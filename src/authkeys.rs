@@ -1263,3 +1263,95 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"");
     }
 }
+
+/// Properties over a random existing authorized_keys and random keys (issue 13): the bytes that
+/// are not ours come back unchanged, ours go, whatever the customer's file looked like.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ID: &str = "swift-fox-jumps-barrel";
+
+    fn key(seed: [u8; 32], comment: &str) -> String {
+        let k = ssh_key::PublicKey::from(ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(seed)));
+        let text = format!("{} {comment}", k.to_openssh().unwrap());
+        validate_keys(text.as_bytes()).unwrap().remove(0)
+    }
+
+    /// A customer's file: their keys with and without options, comments, blank and CRLF lines,
+    /// markers of other sessions, binary junk, and maybe no final newline.
+    fn customer_file() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            any::<[u8; 32]>().prop_map(|s| key(s, "customer@host").into_bytes()),
+            any::<[u8; 32]>().prop_map(|s| format!("from=\"10.0.0.1\",no-pty {}", key(s, "c")).into_bytes()),
+            "#[ -~]{0,30}".prop_map(String::into_bytes),
+            "# linbit-tunl-(begin|end) [a-z-]{1,20}".prop_map(String::into_bytes),
+            Just(Vec::new()),
+            prop::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..40),
+        ];
+        (prop::collection::vec((line, any::<bool>()), 0..8), any::<bool>()).prop_map(|(ls, last_nl)| {
+            let mut out = Vec::new();
+            for (l, crlf) in ls {
+                out.extend_from_slice(&l);
+                out.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+            }
+            if !last_nl && out.ends_with(b"\n") {
+                out.pop();
+            }
+            out
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn ours_go_theirs_stay(
+            file in customer_file(),
+            seeds in prop::collection::vec(any::<[u8; 32]>(), 1..4),
+            loopback in any::<bool>(),
+            until in 0u64..4_000_000_000,
+        ) {
+            let keys: Vec<String> = seeds.iter().map(|s| key(*s, "eng@linbit.com")).collect();
+            // A file that already holds our session's keys or markers is another property's business.
+            prop_assume!(remove_session(&file, ID, &keys) == file);
+            let opts = KeyOptions::for_target(Some("SSH-2.0-OpenSSH_9.2p1"), loopback);
+            let lines: Vec<String> = keys.iter().map(|k| opts.line(k, until)).collect();
+            let added = add_block(&file, ID, &lines).unwrap();
+            prop_assert!(added.starts_with(&file));
+            prop_assert_eq!(lines_left(&added, &keys).len(), keys.len());
+            let mut want = file.clone();
+            if !file.is_empty() && !file.ends_with(b"\n") {
+                want.push(b'\n');
+            }
+            prop_assert_eq!(&remove_session(&added, ID, &keys), &want);
+            prop_assert_eq!(&remove_blocks(&added, Some(ID)), &want);
+            prop_assert_eq!(&remove_blocks(&added, Some("other-session-id")), &added);
+        }
+
+        /// Whatever is in the file, removing a session leaves none of its keys and keeps every
+        /// other line in order.
+        #[test]
+        fn removal_leaves_no_key(
+            file in customer_file(),
+            seed in any::<[u8; 32]>(),
+            at in any::<prop::sample::Index>(),
+        ) {
+            let keys = vec![key(seed, "eng@linbit.com")];
+            let stray = format!("{}\n", keys[0]);
+            let mut mixed = file.clone();
+            let i = lines(&file).iter().take(at.index(lines(&file).len() + 1)).map(|l| l.len()).sum::<usize>();
+            mixed.splice(i..i, stray.bytes());
+            let out = remove_session(&mixed, ID, &keys);
+            prop_assert!(lines_left(&out, &keys).is_empty());
+            let theirs: Vec<&[u8]> = lines(&mixed).into_iter().filter(|l| !carries_one_of(l, &keys)).collect();
+            let kept: Vec<&[u8]> = lines(&out);
+            let bare_eq = theirs.len() == kept.len() && theirs.iter().zip(&kept).all(|(a, b)| bare(a) == bare(b));
+            prop_assert!(bare_eq, "{:?} -> {:?}", String::from_utf8_lossy(&mixed), String::from_utf8_lossy(&out));
+        }
+
+        #[test]
+        fn validate_keys_never_panics(text in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = validate_keys(&text);
+        }
+    }
+}

@@ -492,3 +492,43 @@ mod tests {
         assert!(sc.status().contains(&"s1 ".repeat(7)[..20]));
     }
 }
+
+/// Properties over random keyboard input (issue 13): however the bytes arrive, the editor gives the
+/// same lines, never a control character, never more than `MAX_INPUT` bytes.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn editor_is_split_invariant_and_clean(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut whole = LineEditor::default();
+            let want = whole.feed(&bytes);
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+            at.extend([0, bytes.len()]);
+            at.sort();
+            let mut parts = LineEditor::default();
+            let mut got = Vec::new();
+            for w in at.windows(2) {
+                got.extend(parts.feed(&bytes[w[0]..w[1]]));
+            }
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(&parts.text, &whole.text);
+            for l in want.iter().chain([&whole.text]) {
+                prop_assert!(l.len() <= MAX_INPUT);
+                prop_assert_eq!(neutralise(l), l.clone());
+            }
+        }
+
+        #[test]
+        fn fifo_lines_never_panic_and_come_out_clean(line in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Some(ChatLine::Status1(t) | ChatLine::Status2(t) | ChatLine::Message(t)) = parse_chat_line(&line) {
+                prop_assert_eq!(neutralise(&t), t);
+            }
+        }
+    }
+}

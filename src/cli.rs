@@ -537,11 +537,12 @@ impl Config {
     }
 }
 
-/// Percent-encode every byte outside `[A-Za-z0-9._~-]` (the protocol's rule for short text).
+/// Percent-encode every byte outside `[A-Za-z0-9._-]`. protocol.md also leaves `~` bare, but `~` is
+/// not a token byte, so a line carrying it would be malformed: we encode it (`%7E` decodes the same).
 pub fn pct_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || b"._~-".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -557,9 +558,9 @@ pub fn pct_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let h = b.get(i + 1..i + 3)?;
-            let h = std::str::from_utf8(h).ok()?;
-            out.push(u8::from_str_radix(h, 16).ok()?);
+            let h = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            // Two ASCII hex digits (checked: `from_str_radix` alone would also take a sign).
+            out.push(u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -749,5 +750,41 @@ mod tests {
         assert_eq!(pct_decode("a%20b%2F%C3%BC").as_deref(), Some("a b/ü"));
         assert_eq!(pct_decode("%zz"), None);
         assert_eq!(pct_decode("%2"), None);
+    }
+}
+
+/// Properties of the percent coding used on the command line and on the wire (issue 13).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Found by `pct_decode_never_panics`: `u8::from_str_radix` takes a sign, so `%+a` decoded.
+    #[test]
+    fn pct_decode_wants_two_hex_digits() {
+        for bad in ["%+a", "%-1", "%+", "%g0", "%1"] {
+            assert_eq!(pct_decode(bad), None, "{bad}");
+        }
+        assert_eq!(pct_decode("%7e%7E"), Some("~~".into()));
+    }
+
+    proptest! {
+        #[test]
+        fn pct_roundtrip(s in ".{0,40}") {
+            prop_assert_eq!(pct_decode(&pct_encode(&s)), Some(s));
+        }
+
+        #[test]
+        fn pct_decode_never_panics(s in "\\PC{0,40}|[%0-9a-fA-F+ ]{0,20}") {
+            if let Some(d) = pct_decode(&s) {
+                // Whatever decoded is text, and encodes to something that decodes to it again.
+                prop_assert_eq!(pct_decode(&pct_encode(&d)), Some(d));
+                // Strict: every `%` starts two hex digits.
+                let b = s.as_bytes();
+                for (i, _) in s.match_indices('%') {
+                    prop_assert!(b.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)), "{s:?}");
+                }
+            }
+        }
     }
 }

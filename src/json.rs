@@ -336,3 +336,29 @@ mod tests {
         assert!(!e.contains("123456"), "{e}");
     }
 }
+
+/// Properties over random answers (issue 13): the API's body is network input.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_text_never_panics(s in "\\PC{0,80}|[{}\\[\\]\":,\\\\u0-9a-fA-Ftrn .eE+-]{0,60}") {
+            let _ = parse_string_object(&s);
+        }
+
+        #[test]
+        fn encoded_objects_parse_back(fields in prop::collection::vec(("\\PC{0,8}|.{0,8}", ".{0,24}"), 0..6)) {
+            let mut seen = std::collections::HashSet::new();
+            let fields: Vec<(String, String)> = fields.into_iter().filter(|(k, _)| seen.insert(k.clone())).collect();
+            let refs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let text = encode_object(&refs);
+            prop_assert_eq!(parse_string_object(&text), Ok(fields.clone()));
+            // Whitespace between tokens does not change the meaning.
+            let spaced = format!(" {{\n{}\t}}\r\n", &text[1..text.len() - 1]);
+            prop_assert_eq!(parse_string_object(&spaced), Ok(fields));
+        }
+    }
+}

@@ -894,3 +894,166 @@ mod tests {
         assert_eq!(r[1], Err(TooLong));
     }
 }
+
+/// Properties over random input (issue 13): the relay is untrusted, so no line may panic the parser,
+/// the allowlist or the log writer, and what is accepted must mean exactly what it says.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The line a well-behaved relay would send for `msg` (protocol.md section 3).
+    fn serialise(msg: &RelayMsg) -> String {
+        let pe = cli::pct_encode;
+        match msg {
+            RelayMsg::Welcome { viewers } => format!("WELCOME proto=1 viewers={viewers}"),
+            RelayMsg::Error { code, msg } => format!("ERROR code={} msg={}", code.as_str(), pe(msg)),
+            RelayMsg::K(b) => format!("K {}", B64.encode(b)),
+            RelayMsg::Chat { from, text } => format!("CHAT from={} {}", pe(from), B64.encode(text)),
+            RelayMsg::Viewers(n) => format!("VIEWERS {n}"),
+            RelayMsg::Note(b) if b.is_empty() => "NOTE".into(),
+            RelayMsg::Note(b) => format!("NOTE {}", B64.encode(b)),
+            RelayMsg::Upgrade { req, from, keys } => {
+                format!("UPGRADE req={req} from={} {}", pe(from), B64.encode(keys))
+            }
+            RelayMsg::Revoke => "REVOKE".into(),
+            RelayMsg::Refresh => "REFRESH".into(),
+            RelayMsg::Close { reason } => format!("CLOSE reason={}", pe(reason)),
+            RelayMsg::Ping(n) => format!("PING {n}"),
+            RelayMsg::Pong(n) => format!("PONG {n}"),
+        }
+    }
+
+    fn code() -> impl Strategy<Value = ErrorCode> {
+        use ErrorCode::*;
+        prop::sample::select(vec![UnknownSession, Expired, Closed, ModeRefused, Busy, Proto, Internal])
+    }
+
+    fn msg() -> impl Strategy<Value = RelayMsg> {
+        let bytes = || prop::collection::vec(any::<u8>(), 1..64);
+        prop_oneof![
+            any::<u32>().prop_map(|viewers| RelayMsg::Welcome { viewers }),
+            (code(), ".{0,20}").prop_map(|(code, msg)| RelayMsg::Error { code, msg }),
+            bytes().prop_map(RelayMsg::K),
+            (".{0,12}", bytes()).prop_map(|(from, text)| RelayMsg::Chat { from, text }),
+            any::<u32>().prop_map(RelayMsg::Viewers),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(RelayMsg::Note),
+            ("[A-Za-z0-9_.:-]{1,64}", ".{0,12}", bytes()).prop_map(|(req, from, keys)| RelayMsg::Upgrade {
+                req,
+                from,
+                keys
+            }),
+            Just(RelayMsg::Revoke),
+            Just(RelayMsg::Refresh),
+            ".{0,20}".prop_map(|reason| RelayMsg::Close { reason }),
+            any::<u64>().prop_map(RelayMsg::Ping),
+            any::<u64>().prop_map(RelayMsg::Pong),
+        ]
+    }
+
+    /// Lines near the grammar: a known verb, then fields from the token alphabet, `=` and spaces,
+    /// so that most of them reach the per-verb checks rather than the character filter.
+    fn near_line() -> impl Strategy<Value = Vec<u8>> {
+        let verbs = vec![
+            "WELCOME", "ERROR", "K", "CHAT", "VIEWERS", "NOTE", "UPGRADE", "REVOKE", "REFRESH", "CLOSE", "PING",
+            "PONG", "O", "welcome", "",
+        ];
+        let field = prop_oneof![
+            "(proto|viewers|code|msg|from|req|reason|x)=[A-Za-z0-9%=+/_-]{0,12}",
+            "[A-Za-z0-9+/=]{0,16}",
+            "[0-9]{1,22}",
+            "%[0-9A-Fa-fg]{0,3}",
+        ];
+        (prop::sample::select(verbs), prop::collection::vec(field, 0..5), prop::collection::vec(any::<u8>(), 0..2))
+            .prop_map(|(verb, fields, junk)| {
+                let mut l = verb.as_bytes().to_vec();
+                for f in fields {
+                    l.push(b' ');
+                    l.extend_from_slice(f.as_bytes());
+                }
+                l.extend_from_slice(&junk);
+                l
+            })
+    }
+
+    /// Every outcome of one line: parse, allowlist in every state, log line; an accepted line
+    /// re-serialises to a line that parses to the same message.
+    fn check_line(line: &[u8]) -> Result<(), TestCaseError> {
+        let parsed = parse_relay_line(line);
+        for mode in [Mode::Share, Mode::Restricted, Mode::Tunnel] {
+            for brb in [false, true] {
+                for welcomed in [false, true] {
+                    let verdict = parsed.as_ref().ok().map(|m| allowed(m, mode, brb, welcomed));
+                    let log = log_line(&parsed, verdict);
+                    prop_assert!(!log.bytes().any(|b| b < 0x20 || b == 0x7f), "raw control byte in log {log:?}");
+                }
+            }
+        }
+        match &parsed {
+            Ok(m) => {
+                let again = parse_relay_line(serialise(m).as_bytes());
+                prop_assert_eq!(again.as_ref(), Ok(m));
+            }
+            Err(d) => {
+                prop_assert!(!d.verb.is_empty() && d.verb.len() <= MAX_VERB_REPORT + 3);
+                prop_assert!(d.verb.bytes().all(|b| is_token_byte(b) || b == b'?' || b == b'-'));
+            }
+        }
+        Ok(())
+    }
+
+    /// Found by `every_message_survives_its_own_line`: `pct_encode` left `~` bare (protocol.md
+    /// allows it) but `~` is not a token byte, so a user name with `~` made our line malformed.
+    #[test]
+    fn client_lines_stay_in_the_token_alphabet() {
+        let mut out = Vec::new();
+        push_tunnel_open(&mut out, "r1", 22, "a~b c%");
+        assert!(out.ends_with(b"\n"));
+        assert!(
+            out[..out.len() - 1].iter().all(|&b| b == b' ' || is_token_byte(b)),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_never_panic(line in prop::collection::vec(any::<u8>(), 0..200)) {
+            check_line(&line)?;
+        }
+
+        #[test]
+        fn lines_near_the_grammar_are_consistent(line in near_line()) {
+            check_line(&line)?;
+        }
+
+        #[test]
+        fn every_message_survives_its_own_line(m in msg()) {
+            let line = serialise(&m);
+            prop_assert_eq!(parse_relay_line(line.as_bytes()), Ok(m));
+        }
+
+        /// The splitter gives the same lines however the stream was cut into reads.
+        #[test]
+        fn split_reads_give_the_same_lines(
+            lines in prop::collection::vec("[ -~]{0,40}", 0..8),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let stream = lines.iter().map(|l| format!("{l}\n")).collect::<String>().into_bytes();
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.push(0);
+            at.push(stream.len());
+            at.sort();
+            let mut sp = LineSplitter::new();
+            let mut got = Vec::new();
+            for w in at.windows(2) {
+                sp.push(&stream[w[0]..w[1]]);
+                while let Some(l) = sp.next_line() {
+                    got.push(String::from_utf8(l.expect("short line").to_vec()).unwrap());
+                }
+            }
+            prop_assert_eq!(got, lines);
+            prop_assert_eq!(sp.buffered(), 0);
+        }
+    }
+}

@@ -938,3 +938,70 @@ mod tests {
             .unwrap_or_default()
     }
 }
+
+/// Properties over random control-mode output (issue 13): tmux's stdout arrives in reads of any
+/// size, so every split of a stream must give the same events as the whole of it.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn events_of(chunks: &[&[u8]]) -> Vec<Event> {
+        let mut p = ControlParser::new();
+        let mut evs = Vec::new();
+        for c in chunks {
+            p.push(c);
+            evs.extend(std::iter::from_fn(|| p.next_event()));
+        }
+        evs
+    }
+
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            "%output %[0-9]{1,3} [ -~]{0,20}",
+            "%output %[0-9]{1,3} (\\\\[0-7]{3}|[a-z\\\\]){0,8}",
+            "%extended-output %[0-9] [0-9]{1,3} : [ -~]{0,10}",
+            "%(begin|end|error) [0-9]{1,10} [0-9]{1,4} [01]",
+            "%(window-add|unlinked-window-close) @[0-9]{1,3}",
+            "%(pause|continue) %[0-9]{1,2}",
+            "%session-changed \\$[0-9] [a-z]{1,6}",
+            "%layout-change @[0-9] [a-z0-9,x]{1,20}",
+            "%(sessions-changed|exit|exit server exited)",
+            "[ -~]{0,30}",
+            prop::collection::vec(any::<u8>(), 0..30).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ];
+        prop::collection::vec(line, 0..12)
+            .prop_map(|ls| ls.iter().flat_map(|l| format!("{l}\n").into_bytes()).collect())
+    }
+
+    proptest! {
+        #[test]
+        fn split_at_every_boundary_gives_the_same_events(s in stream()) {
+            let whole = events_of(&[&s]);
+            for i in 0..=s.len() {
+                prop_assert_eq!(&events_of(&[&s[..i], &s[i..]]), &whole, "split at {}", i);
+            }
+            let bytewise: Vec<&[u8]> = s.chunks(1).collect();
+            prop_assert_eq!(&events_of(&bytewise), &whole);
+        }
+
+        #[test]
+        fn any_bytes_never_panic(b in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = events_of(&[&b]);
+        }
+
+        #[test]
+        fn unescape_inverts_tmux_escaping(data in prop::collection::vec(any::<u8>(), 0..64)) {
+            // tmux escapes bytes below 0x20 and the backslash as `\ooo`.
+            let mut esc = Vec::new();
+            for &b in &data {
+                if b < 0x20 || b == b'\\' {
+                    esc.extend_from_slice(format!("\\{b:03o}").as_bytes());
+                } else {
+                    esc.push(b);
+                }
+            }
+            prop_assert_eq!(unescape(&esc), data);
+        }
+    }
+}

@@ -351,3 +351,70 @@ mod tests {
         assert_eq!(neutralize("héllo 世界"), "héllo 世界");
     }
 }
+
+/// Properties over random input (issue 13): both peers of the relay are untrusted.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn payload_verb(v: &str) -> bool {
+        matches!(v, "K" | "O" | "CHAT" | "NOTE" | "UPGRADE")
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_never_panic(line in prop::collection::vec(any::<u8>(), 0..200)) {
+            match parse(&line, payload_verb) {
+                Ok(l) => prop_assert!(!l.verb.is_empty()),
+                Err(m) => prop_assert!(m.verb.bytes().all(|b| is_token_byte(b) || b == b'?' || b == b'~')),
+            }
+            let _ = neutralize(&String::from_utf8_lossy(&line));
+        }
+
+        /// What `line` builds parses back to the same fields and payload.
+        #[test]
+        fn built_lines_parse_back(
+            verb in "[A-Z][A-Z_]{0,8}",
+            fields in prop::collection::vec(("[a-z][a-z0-9_-]{0,6}", ".{0,10}"), 0..5),
+            data in prop::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let fields: Vec<(String, String)> =
+                fields.into_iter().filter(|(k, _)| seen.insert(k.clone())).map(|(k, v)| (k, pct_encode(&v))).collect();
+            let refs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let carries = payload_verb(&verb);
+            let built = line(&verb, &refs, carries.then_some(&data[..]));
+            let parsed = parse(&built[..built.len() - 1], payload_verb).unwrap();
+            prop_assert_eq!(&parsed.fields, &fields);
+            prop_assert!(parsed.bare.is_empty());
+            prop_assert_eq!(parsed.payload, carries.then_some(data));
+        }
+
+        #[test]
+        fn pct_roundtrip_and_strict(s in ".{0,30}", junk in "[%0-9a-fA-F+-]{0,12}") {
+            prop_assert!(pct_encode(&s).bytes().all(is_token_byte));
+            prop_assert_eq!(pct_decode(&pct_encode(&s)), Some(s));
+            if let Some(d) = pct_decode(&junk) {
+                prop_assert_eq!(pct_decode(&pct_encode(&d)), Some(d));
+            }
+        }
+
+        /// The splitter gives the same pieces however the stream was cut into reads.
+        #[test]
+        fn split_reads_give_the_same_pieces(
+            stream in prop::collection::vec(prop_oneof![Just(b'\n'), any::<u8>()], 0..300),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut whole = Splitter::default();
+            let want = whole.push(&stream);
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.extend([0, stream.len()]);
+            at.sort();
+            let mut sp = Splitter::default();
+            let got: Vec<Piece> = at.windows(2).flat_map(|w| sp.push(&stream[w[0]..w[1]])).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(sp.pending(), whole.pending());
+        }
+    }
+}
