@@ -269,9 +269,11 @@ impl Daemon {
 
     fn chat_send(&mut self, kind: &str, payload: &[u8]) {
         if let Some(fd) = &self.chat_out {
-            let line = format!("{kind} {}\n", B64.encode(payload));
-            // A full fifo means the chat pane is not reading: drop rather than block the loop.
-            let _ = rustix::io::write(fd, line.as_bytes());
+            for line in fifo_lines(kind, payload) {
+                // A full fifo means the chat pane is not reading: drop rather than block the loop.
+                // Each line is at most PIPE_BUF, so it goes in whole or not at all (F23).
+                let _ = rustix::io::write(fd, line.as_bytes());
+            }
         }
     }
 
@@ -1541,6 +1543,29 @@ enum Role {
     Ctl,
 }
 
+/// The chat-fifo lines for one message: `KIND B64\n`, each at most PIPE_BUF (4096) bytes, so that a
+/// non-blocking write of one is atomic (F23). A long chat message becomes several lines, cut at
+/// character boundaries; a status row is cut to one.
+fn fifo_lines(kind: &str, payload: &[u8]) -> Vec<String> {
+    // 4096 bytes: kind, space, newline, and base64 of up to 3000 bytes (4000 characters).
+    const CHUNK: usize = 3000;
+    let text = String::from_utf8_lossy(payload);
+    let mut out = Vec::new();
+    let mut rest: &str = &text;
+    loop {
+        let mut cut = rest.len().min(CHUNK);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        out.push(format!("{kind} {}\n", B64.encode(piece.as_bytes())));
+        rest = tail;
+        if rest.is_empty() || kind != "M" {
+            return out;
+        }
+    }
+}
+
 fn ts(d: Duration) -> rustix::event::Timespec {
     rustix::event::Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 }
 }
@@ -1605,4 +1630,27 @@ fn strip_escapes(b: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_fifo_lines_fit_pipe_buf_and_keep_every_character() {
+        // A relay CHAT line neutralised to 4000 characters, many of them multi-byte.
+        let text: String = "ä€x".repeat(1400);
+        let lines = fifo_lines("M", text.as_bytes());
+        assert!(lines.len() > 1);
+        let mut back = String::new();
+        for l in &lines {
+            assert!(l.len() <= 4096, "{} bytes", l.len());
+            let b64 = l.strip_prefix("M ").and_then(|l| l.strip_suffix('\n')).unwrap();
+            back.push_str(&String::from_utf8(B64.decode(b64).unwrap()).unwrap());
+        }
+        assert_eq!(back, text);
+        // A status row is one line, cut if it had to be.
+        assert_eq!(fifo_lines("S1", "x".repeat(5000).as_bytes()).len(), 1);
+        assert_eq!(fifo_lines("M", b""), vec!["M \n".to_string()]);
+    }
 }
