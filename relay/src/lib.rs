@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod api;
 pub mod audit;
+pub mod authinfo;
 pub mod broker;
 pub mod broker_main;
 pub mod from_customer;

@@ -38,6 +38,10 @@ pub fn produce(layout: &Layout) -> u8 {
         Ok(h) => h,
         Err(r) => return answer_error(r.code, &r.msg),
     };
+    if let Some(refusal) = certificate_mismatch(&h.id) {
+        log(&refusal);
+        return answer_error("unknown-session", "this certificate was issued for another session");
+    }
     let reg = match Sqlite::open(&layout.registry_db()) {
         Ok(r) => r,
         Err(e) => {
@@ -101,6 +105,23 @@ pub fn produce(layout: &Layout) -> u8 {
             log(&format!("session {}: {e}", h.id));
             1
         }
+    }
+}
+
+/// A relay certificate opens only the session it was issued for (its key ID names it); sshd
+/// reports the certificate through `ExposeAuthInfo`. `None` when the login may go on.
+fn certificate_mismatch(sid: &str) -> Option<String> {
+    let path = std::env::var_os("SSH_USER_AUTH")?;
+    let text = std::fs::read_to_string(&path).ok()?;
+    match crate::authinfo::parse(&text) {
+        crate::authinfo::Auth::Certificate { session } if session == sid => None,
+        crate::authinfo::Auth::Certificate { session } => {
+            Some(format!("a certificate for session {session} asked for session {sid}: refused"))
+        }
+        crate::authinfo::Auth::ForeignCertificate => {
+            Some(format!("session {sid}: a certificate the relay did not issue: refused"))
+        }
+        crate::authinfo::Auth::Other => None,
     }
 }
 

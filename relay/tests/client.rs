@@ -132,6 +132,11 @@ fn a_certificate_kept_after_its_session_ends_gets_the_contracts_error() {
     assert!(
         first_line(&relay, &scratch, &key, &hello("unknown-words-for-test")).starts_with("ERROR code=unknown-session ")
     );
+    // A certificate opens only the session it was issued for, not another live one.
+    let (other, _) = relay.create_session("CASE-OTHER", false);
+    let got = first_line(&relay, &scratch, &key, &hello(&other));
+    assert!(got.starts_with("ERROR code=unknown-session "), "{got}");
+    assert!(got.contains("another%20session"), "{got}");
     // The session closed: the certificate still logs in, the relay says closed.
     relay.registry().end(&id, "closed", tunl_relay::now()).unwrap();
     let got = first_line(&relay, &scratch, &key, &hello(&id));
