@@ -229,6 +229,9 @@ fn stamp((y, mo, d, h, mi, s): (i64, u32, u32, u32, u32, u32)) -> String {
 }
 
 /// Calendar fields of `t` in this process's time zone, which is the system's for sshd too.
+// libc marks musl's `time_t` deprecated while musl moves 32-bit targets to 64 bits; on every
+// target we build it is already 64 bits wide, which is all this call needs.
+#[allow(deprecated)]
 fn local_fields(t: u64) -> (i64, u32, u32, u32, u32, u32) {
     let tt = t as libc::time_t;
     // SAFETY: `tm` is plain data; localtime_r writes only into it and returns it or NULL.
