@@ -227,3 +227,15 @@ compat-setup:
 # Writes target/compat-matrix.md. See scripts/compat.sh.
 compat *VERSIONS: compat-setup
     scripts/compat.sh {{VERSIONS}}
+
+# Fuzz one parser for SECONDS (nightly, cargo-fuzz): relay_line, tmux_control, json_object,
+# chat_editor or wire_line. Seeds from the unit tests are in fuzz/seeds/TARGET; what the fuzzer
+# finds new goes to fuzz/corpus/TARGET, a crash to fuzz/artifacts/TARGET (see README, Fuzzing).
+fuzz TARGET SECONDS="60":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    mkdir -p fuzz/corpus/{{TARGET}}
+    cd fuzz && cargo +nightly fuzz run -O {{TARGET}} corpus/{{TARGET}} seeds/{{TARGET}} -- \
+        -max_total_time={{SECONDS}} -print_final_stats=1
