@@ -16,14 +16,14 @@ logs=target/compat-logs
 mkdir -p "$logs"
 printf '| client tool | unit (tmux) | share | attach | tunnel | link |\n|---|---|---|---|---|---|\n' >"$out"
 fail=0
-# run NAME-OF-LOG ENV... -- CARGO-TEST-ARGS: one cell, "pass" or "FAIL (n of m)".
+# cell LOG-NAME ENV... -- CARGO-TEST-ARGS: one cell of the matrix, "pass (time)" or "FAIL (...)".
 cell() {
     local log="$logs/$1.log"; shift
     local env=()
     while [ "$1" != "--" ]; do env+=("$1"); shift; done
     shift
     local start=$SECONDS
-    if env "${env[@]}" cargo test -q "$@" -- --test-threads=4 >"$log" 2>&1; then
+    if env "${env[@]}" cargo test -q "$@" >"$log" 2>&1; then
         echo "pass ($((SECONDS - start)) s)"
     else
         fail=1
@@ -35,16 +35,16 @@ for v in $versions; do
     bin="$(dirname "$(path_of "tmux-$v")")"
     echo "== tmux $v ($bin)" >&2
     # The unit tests start their own tmux servers with `tmux` from PATH.
-    u="$(cell "tmux-$v-unit" "PATH=$bin:$PATH" -- --bin linbit-tunl tmux:: ui::)"
-    s="$(cell "tmux-$v-share" "TUNL_TEST_CLIENT_PATH=$bin" -- --test share)"
-    a="$(cell "tmux-$v-attach" "TUNL_TEST_CLIENT_PATH=$bin" -- --test attach)"
-    t="$(cell "tmux-$v-tunnel" "TUNL_TEST_CLIENT_PATH=$bin" -- --test tunnel)"
+    u="$(cell "tmux-$v-unit" "PATH=$bin:$PATH" -- --bin linbit-tunl -- --test-threads=4 tmux:: ui::)"
+    s="$(cell "tmux-$v-share" "TUNL_TEST_CLIENT_PATH=$bin" -- --test share -- --test-threads=4)"
+    a="$(cell "tmux-$v-attach" "TUNL_TEST_CLIENT_PATH=$bin" -- --test attach -- --test-threads=4)"
+    t="$(cell "tmux-$v-tunnel" "TUNL_TEST_CLIENT_PATH=$bin" -- --test tunnel -- --test-threads=4)"
     printf '| tmux %s | %s | %s | %s | %s | - |\n' "$v" "$u" "$s" "$a" "$t" | tee -a "$out" >&2
 done
 if [ -z "${COMPAT_NO_SSH:-}" ]; then
     bin="$(dirname "$(path_of openssh-7.4p1)")"
     echo "== OpenSSH 7.4p1 ($bin)" >&2
-    l="$(cell "openssh-7.4p1-link" "TUNL_TEST_CLIENT_PATH=$bin" -- --test link)"
+    l="$(cell "openssh-7.4p1-link" "TUNL_TEST_CLIENT_PATH=$bin" -- --test link -- --test-threads=4)"
     printf '| OpenSSH 7.4p1 client | - | - | - | - | %s |\n' "$l" | tee -a "$out" >&2
 fi
 cat "$out"

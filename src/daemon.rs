@@ -5,6 +5,7 @@
 //! before it can act; nothing from the relay reaches a terminal without being neutralised.
 
 use std::collections::VecDeque;
+use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
@@ -598,7 +599,11 @@ impl Daemon {
         if let Some(pane) = self.tmux.as_ref().and_then(|t| t.shell) {
             self.snap_in_flight = true;
             self.snap_at = None;
-            self.tmux_cmd(&format!("capture-pane -p -e -t %{pane}"), Pending::Snap);
+            let f = self.tmux.as_ref().map(|t| t.features).unwrap_or_else(|| tmux::Features::from_version(None));
+            let (cmds, done) = tmux::snap_commands(&f, pane, &self.dir.file("snap").to_string_lossy());
+            for (i, c) in cmds.iter().enumerate() {
+                self.tmux_cmd(c, if i == done { Pending::Snap } else { Pending::Ignore });
+            }
         }
     }
 
@@ -719,13 +724,16 @@ impl Daemon {
             }
             Pending::Snap => {
                 let Some((c, r)) = self.tmux.as_ref().map(|t| t.size) else { return };
-                let mut screen = Vec::new();
-                for (i, line) in body.iter().enumerate() {
-                    if i > 0 {
-                        screen.extend_from_slice(b"\r\n");
-                    }
-                    screen.extend_from_slice(line);
+                // The screen comes in a file, not in the reply (see tmux::snap_commands).
+                let file = self.dir.file("snap");
+                let mut saved = Vec::new();
+                let read = std::fs::File::open(&file).and_then(|f| f.take(1 << 20).read_to_end(&mut saved));
+                let _ = std::fs::remove_file(&file);
+                if read.is_err() {
+                    self.log.line("tmux saved no screen for a snapshot");
+                    return;
                 }
+                let screen = tmux::snap_screen(&saved);
                 if let Some(o) = self.out() {
                     if protocol::push_snap(o, c, r, &screen).is_err() {
                         // An attribute-heavy screen over the line limit: plain text still resynchronises.
@@ -736,13 +744,7 @@ impl Daemon {
             }
             Pending::Clients { req, cmd: cmd_tail, again } => {
                 // The popup goes to the customer's own client, not to our control client.
-                let client = body.iter().map(|l| String::from_utf8_lossy(l).into_owned()).find_map(|l| {
-                    let f: Vec<&str> = l.split(' ').collect();
-                    match f.as_slice() {
-                        [name, "0", activity] => Some((name.to_string(), activity.parse::<u64>().unwrap_or(0))),
-                        _ => None,
-                    }
-                });
+                let client = ui::customer_client(&body);
                 match client {
                     // Shown again only to a customer who stopped typing: never mid-word (F1).
                     Some((_, activity)) if again && now_unix().saturating_sub(activity) < POPUP_IDLE_SECS => {}
@@ -906,10 +908,7 @@ impl Daemon {
 
     fn show_popup(&mut self, req: &str, cmd: String, again: bool) {
         self.popup_again_at = Some(Instant::now() + POPUP_AGAIN);
-        self.tmux_cmd(
-            "list-clients -F '#{client_name} #{client_control_mode} #{client_activity}'",
-            Pending::Clients { req: req.to_string(), cmd, again },
-        );
+        self.tmux_cmd(&ui::list_clients_command(), Pending::Clients { req: req.to_string(), cmd, again });
     }
 
     /// A granted request. Transactional (F7): the forward comes first, the keys are written only once

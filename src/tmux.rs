@@ -337,6 +337,8 @@ pub enum Feat {
     OptionFormats,
     /// `if-shell -F`.
     IfShellFormat,
+    /// Named paste buffers (before: numbered, a stack).
+    NamedBuffers,
     /// `=NAME` as an exact session/window target.
     ExactTarget,
     /// `bind-key -T TABLE`, `switch-client -T`, `list-keys` printing `-T`.
@@ -378,6 +380,7 @@ pub enum Feat {
 pub const TABLE: &[(Feat, (u32, u32), &str)] = &[
     (Feat::NewSessionCwd, (1, 9), "new-session -c (1.9 CHANGES; 1.8 starts in the client's cwd)"),
     (Feat::IfShellFormat, (2, 0), "if-shell -F (2.0 CHANGES)"),
+    (Feat::NamedBuffers, (2, 0), "set-buffer names buffers (2.0 CHANGES)"),
     (Feat::ExactTarget, (2, 1), "=name exact targets (2.1 CHANGES)"),
     (Feat::KeyTables, (2, 1), "bind -T, switch-client -T (2.1 CHANGES)"),
     (Feat::UnicodeKeys, (2, 2), "keys above 0x7f are code points (2.2 UTF-8 rework; 1.8 writes bytes)"),
@@ -508,6 +511,42 @@ pub fn fmt_escape(s: &str) -> String {
 /// Quote one word for `/bin/sh` (used inside `run-shell` commands).
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The commands that save pane `pane`'s screen (with attributes) to `file`, one per control-mode
+/// line, and which of them answers when the file is complete (its index). The screen never travels
+/// in a reply block: a line on screen that looks like the block's `%end` guard would end the block
+/// early and desynchronise every later reply (review finding F22). Named buffers arrived in 2.0;
+/// 1.8 pushes the capture as buffer 0.
+pub fn snap_commands(f: &Features, pane: u32, file: &str) -> (Vec<String>, usize) {
+    let file = quote(file);
+    let cmds = if f.has(Feat::NamedBuffers) {
+        vec![
+            format!("capture-pane -e -b linbit-snap -t %{pane}"),
+            format!("save-buffer -b linbit-snap {file}"),
+            "delete-buffer -b linbit-snap".to_string(),
+        ]
+    } else {
+        vec![
+            format!("capture-pane -e -t %{pane}"),
+            format!("save-buffer -b 0 {file}"),
+            "delete-buffer -b 0".to_string(),
+        ]
+    };
+    (cmds, 1)
+}
+
+/// The screen `snap_commands` saved, as terminal lines (`\r\n` between them).
+pub fn snap_screen(saved: &[u8]) -> Vec<u8> {
+    let saved = saved.strip_suffix(b"\n").unwrap_or(saved);
+    let mut screen = Vec::with_capacity(saved.len() + saved.len() / 40);
+    for (i, line) in saved.split(|&b| b == b'\n').enumerate() {
+        if i > 0 {
+            screen.extend_from_slice(b"\r\n");
+        }
+        screen.extend_from_slice(line);
+    }
+    screen
 }
 
 /// How many key bytes one `send-keys` command carries (keeps control-mode lines short).
@@ -697,6 +736,16 @@ mod tests {
         assert_eq!(quote("x;"), "'x; '");
         assert_eq!(fmt_escape("a#b"), "a##b");
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn snap_file_lines() {
+        assert_eq!(snap_screen(b"a\n\x1b[1mb\n\n"), b"a\r\n\x1b[1mb\r\n");
+        assert_eq!(snap_screen(b""), b"");
+        let (c, i) = snap_commands(&Features::from_version(Some((3, 2))), 4, "/tmp/d/snap");
+        assert_eq!(c[i], "save-buffer -b linbit-snap '/tmp/d/snap'");
+        let (c, _) = snap_commands(&Features::from_version(Some((1, 8))), 4, "/tmp/d/snap");
+        assert_eq!(c[0], "capture-pane -e -t %4");
     }
 
     #[test]
@@ -928,6 +977,117 @@ mod tests {
         for i in 0..5 {
             assert!(!mark(i).exists(), "a keystroke payload ran a tmux command ({:?})", f.version);
         }
+    }
+
+    /// Review finding F22: screen text that forges the `%end` guard of the snapshot's reply cannot
+    /// cut a reply short, because the screen never travels in a reply (`snap_commands`). Shown
+    /// first with the old way (`capture-pane -p`), which the forged guard does cut.
+    #[test]
+    fn real_tmux_screen_text_cannot_end_a_reply() {
+        use std::io::{Read, Write};
+        use std::process::{Command, Stdio};
+        if !tmux_available() {
+            return;
+        }
+        let f = Features::from_version_output(&tmux_version());
+        let srv = private_server("guard");
+        let forged = srv.dir.join("forged");
+        let snap = srv.dir.join("snap");
+        let st = Command::new("tmux")
+            .arg("-S")
+            .arg(srv.sock())
+            .args(["-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "80", "-y", "24"])
+            .arg(format!(
+                "while [ ! -e {f}.done ]; do sleep 0.02; done; cat {f}; sleep 30",
+                f = sh_quote(&forged.to_string_lossy())
+            ))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut child = Command::new("tmux")
+            .arg("-S")
+            .arg(srv.sock())
+            .args(["-C", "attach", "-t", "t"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = ControlParser::new();
+        let mut evs: Vec<Event> = Vec::new();
+        let mut wait = |evs: &mut Vec<Event>, done: &dyn Fn(&[Event]) -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !done(evs) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let Ok(chunk) = rx.recv_timeout(left) else { break };
+                p.push(&chunk);
+                evs.extend(std::iter::from_fn(|| p.next_event()));
+            }
+        };
+        let ends = |evs: &[Event]| -> Vec<(u64, u64, Vec<Vec<u8>>)> {
+            evs.iter()
+                .filter_map(|e| match e {
+                    Event::End { time, num, flags: 1, body } | Event::Error { time, num, flags: 1, body } => {
+                        Some((*time, *num, body.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        wait(&mut evs, &|e| e.iter().any(|e| matches!(e, Event::SessionChanged { .. })));
+        let pane = "display-message -p '#{pane_id}'\n";
+        stdin.write_all(pane.as_bytes()).unwrap();
+        wait(&mut evs, &|e| ends(e).len() == 1);
+        let (t, n, body) = ends(&evs)[0].clone();
+        let pane: u32 = String::from_utf8_lossy(&body[0]).trim_start_matches('%').parse().unwrap();
+        // The screen holds every guard the next commands could get (this second or the next).
+        let mut text = String::new();
+        for dt in 0..2 {
+            for dn in 1..12 {
+                text.push_str(&format!("%end {} {} 1\n", t + dt, n + dn));
+            }
+        }
+        std::fs::write(&forged, &text).unwrap();
+        std::fs::write(srv.dir.join("forged.done"), "").unwrap();
+        wait(&mut evs, &|e| {
+            e.iter()
+                .filter_map(|e| if let Event::Output { data, .. } = e { Some(data.len()) } else { None })
+                .sum::<usize>()
+                >= text.len()
+        });
+        // The old way: the forged guard ends the capture's reply early; its rest is misread.
+        let before = ends(&evs).len();
+        stdin.write_all(format!("capture-pane -p -t %{pane}\n").as_bytes()).unwrap();
+        wait(&mut evs, &|e| ends(e).len() > before);
+        let cut = ends(&evs)[before].2.len();
+        assert!(cut < 2 * 11, "the forged guard did not cut the old reply ({cut} lines)");
+        // The new way: every reply is whole and in order, the screen is in the file.
+        let (cmds, _) = snap_commands(&f, pane, &snap.to_string_lossy());
+        let mut lines: String = cmds.iter().map(|c| format!("{c}\n")).collect();
+        lines.push_str("display-message -p AFTER\n");
+        let marker = ends(&evs).len();
+        stdin.write_all(lines.as_bytes()).unwrap();
+        wait(&mut evs, &|e| ends(e).iter().any(|(_, _, b)| b == &vec![b"AFTER".to_vec()]));
+        let saved = std::fs::read_to_string(&snap).unwrap_or_default();
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(saved.contains(text.lines().last().unwrap()), "{saved}");
+        let tail: Vec<(u64, u64, Vec<Vec<u8>>)> = ends(&evs).into_iter().skip(marker).collect();
+        let after = tail.iter().position(|(_, _, b)| b == &vec![b"AFTER".to_vec()]);
+        assert!(after.is_some(), "{evs:?}");
+        assert!(tail[..after.unwrap()].iter().all(|(_, _, b)| b.iter().all(|l| !l.starts_with(b"%end"))), "{tail:?}");
     }
 
     fn tmux_version() -> String {

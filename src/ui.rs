@@ -119,10 +119,10 @@ const MENU: [(&str, &str); 6] = [
 
 const TOGGLE_FOCUS: &str = "select-pane -t :.+";
 
-/// The `other-pane-height` that gives the chat pane `CHAT_HEIGHT` rows: before 3.0 the layout
-/// does not count the pane border status line, and the chat pane comes out one row taller.
+/// The `other-pane-height` that gives the chat pane `CHAT_HEIGHT` rows: before 3.0 main-horizontal
+/// makes the other panes one row taller than the option says (tried on 1.8 and 2.7).
 fn other_pane_height(f: &Features) -> u32 {
-    if f.pane_border_status && !f.has(Feat::NewParser) { CHAT_HEIGHT - 1 } else { CHAT_HEIGHT }
+    if f.has(Feat::NewParser) { CHAT_HEIGHT } else { CHAT_HEIGHT - 1 }
 }
 
 fn layout_now(f: &Features) -> String {
@@ -151,10 +151,16 @@ fn bound(cmd: &str) -> String {
     if cmd.starts_with("display-menu") { cmd.to_string() } else { cmd.replace(" ; ", " \\; ") }
 }
 
+/// Where a menu opens: the middle of the terminal from 3.2 (`-x C -y C`); 3.0 and 3.1 know no
+/// centre and read `C` as 0, so there it opens at the bottom left of the current pane.
+fn menu_position(f: &Features) -> &'static str {
+    if f.popup { " -x C -y C" } else { " -x P -y P" }
+}
+
 /// The command that opens the main menu.
 pub fn menu_command(exe: &Path, dir: &Path, f: &Features) -> String {
     if f.menu {
-        let mut s = String::from("display-menu -T '#[align=centre]linbit-tunl' -x C -y C");
+        let mut s = format!("display-menu -T '#[align=centre]linbit-tunl'{}", menu_position(f));
         for (i, (label, key)) in MENU.iter().enumerate() {
             if i == MENU.len() - 1 {
                 s.push_str(" ''"); // separator before the irreversible entry
@@ -207,7 +213,7 @@ fn cheat_sheet_line(prefix: &str) -> String {
 /// The command that shows the cheat sheet.
 pub fn cheat_sheet_command(prefix: &str, f: &Features) -> String {
     if f.menu {
-        let mut s = String::from("display-menu -T '#[align=centre]linbit-tunl keys' -x C -y C --");
+        let mut s = format!("display-menu -T '#[align=centre]linbit-tunl keys'{} --", menu_position(f));
         for line in cheat_sheet(prefix) {
             // A leading '-' shows the line disabled: text only, nothing to choose.
             s.push_str(&format!(" {} '' ''", quote(&format!("-{}", fmt_escape(&line)))));
@@ -474,6 +480,28 @@ pub fn control_client_commands(f: &Features, size: Option<(u16, u16)>, attach: b
     cmds
 }
 
+/// The daemon's `list-clients` command, for the client to show the Grant/Deny question on. (tmux
+/// 1.8 has no `client_name` or `client_control_mode` and stops expanding at an unknown name: the
+/// fields it lacks come last.)
+pub fn list_clients_command() -> String {
+    format!("list-clients -F {}", quote("#{client_tty} #{client_termname} #{client_control_mode} #{client_activity}"))
+}
+
+/// The customer's client in the reply to `list_clients_command` and its last activity (seconds):
+/// the first that is not a control client (1.8: the one with a terminal type; a control client has
+/// none).
+pub fn customer_client(body: &[Vec<u8>]) -> Option<(String, u64)> {
+    body.iter().map(|l| String::from_utf8_lossy(l).into_owned()).find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let control = match f.get(2) {
+            Some(m) if !m.is_empty() => *m != "0",
+            _ => f.get(1).is_none_or(|t| t.is_empty() || *t == "(null)"),
+        };
+        let activity = f.get(3).and_then(|a| a.parse().ok()).unwrap_or(0);
+        (!control && !f[0].is_empty()).then(|| (f[0].to_string(), activity))
+    })
+}
+
 /// The daemon's `list-panes` command: every pane of the session with what tells its role.
 pub fn list_panes_command() -> String {
     // Fields before the start command hold no spaces; `@linbit-role` is empty where unset.
@@ -672,7 +700,8 @@ pub fn upgrade_prompt_command(exe: &Path, dir: &Path, a: &Ask, f: &Features) -> 
             lines.truncate(POPUP_LINES - 1);
             lines.push(format!("... and {} more keys (listed in the chat pane)", a.keys.len() - shown));
         }
-        let mut s = format!("display-menu -T {} -x C -y C --", quote(&format!("#[align=centre]Tunnel request {n}")));
+        let mut s =
+            format!("display-menu -T {}{} --", quote(&format!("#[align=centre]Tunnel request {n}")), menu_position(f));
         for l in lines {
             // A leading '-' shows the line disabled: text only, nothing to choose.
             s.push_str(&format!(" {} '' ''", quote(&format!("-{}", fmt_escape(&l)))));
@@ -725,6 +754,18 @@ mod tests {
             seen.push((table, key));
         }
         assert_eq!(seen.len(), BOUND_KEYS.len(), "BOUND_KEYS names a key the configuration does not bind");
+    }
+
+    #[test]
+    fn the_customer_client_is_never_the_control_client() {
+        let l = |v: &[&str]| v.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert_eq!(customer_client(&l(&[" screen 1 5", "/dev/pts/3 xterm 0 7"])), Some(("/dev/pts/3".into(), 7)));
+        // tmux 1.8: no client_control_mode; a control client has no terminal type.
+        assert_eq!(
+            customer_client(&l(&["(null) (null) ", "/dev/pts/6 tmux-256color "])),
+            Some(("/dev/pts/6".into(), 0))
+        );
+        assert_eq!(customer_client(&l(&["(null) (null) "])), None);
     }
 
     #[test]

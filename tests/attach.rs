@@ -58,7 +58,15 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
         .status()
         .unwrap();
     assert!(wait(secs(10), || tmux(&theirs, &["list-sessions"]).contains("mine")), "customer's tmux did not start");
-    let before = tmux(&theirs, &["list-keys", "-T", "prefix"]);
+    // Key tables (`list-keys -T`) came with tmux 2.1; before, every binding is in one list.
+    let keys = |table: &str| {
+        if client_tmux_version() >= (2, 1) {
+            tmux(&theirs, &["list-keys", "-T", table])
+        } else {
+            tmux(&theirs, &["list-keys"])
+        }
+    };
+    let before = keys("prefix");
     assert!(before.contains("new-window"));
 
     let mut script = format!("export PATH='{}'\n", client_path());
@@ -90,8 +98,8 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     // Our windows are gone, the customer's session lives on, and their bindings are theirs again.
     let windows = tmux(&theirs, &["list-windows", "-t", "mine", "-F", "#W"]);
     assert!(!windows.contains("linbit"), "{windows}");
-    assert_eq!(tmux(&theirs, &["list-keys", "-T", "prefix"]), before, "bindings restored exactly");
-    assert!(tmux(&theirs, &["list-keys", "-T", "root"]).lines().all(|l| !l.contains("linbit-tunl")));
+    assert_eq!(keys("prefix"), before, "bindings restored exactly");
+    assert!(keys("root").lines().all(|l| !l.contains("linbit-tunl")));
     assert!(!session_dir(&id).exists());
     assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
 }

@@ -589,3 +589,20 @@ fn a_busy_shell_still_pings_a_quiet_relay() {
     assert!(!c.ssh_log().contains("link lost"), "{}", c.ssh_log());
     conn.send(&relay_double::k_line(b"\x03"));
 }
+
+/// The session as the customer sees it, for the README's compatibility table (`cargo test --test
+/// share screen_for_the_readme -- --ignored --nocapture`, with TUNL_TEST_CLIENT_PATH for an old tmux).
+#[test]
+#[ignore]
+fn screen_for_the_readme() {
+    let relay = relay();
+    let id = unique_id("readme");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    c.type_line("echo customer typed this");
+    conn.send(&k_line(b"echo support typed this\r"));
+    conn.send(&chat_line("eng@linbit.com", "hello, I am looking at the DRBD resources"));
+    assert!(c.wait_screen(secs(15), |s| s.contains("hello, I am looking") && s.contains("support typed this")));
+    println!("{}", c.outer(&["capture-pane", "-p", "-t", OUTER_TARGET]));
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
+}
