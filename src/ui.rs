@@ -347,7 +347,11 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
         for (_, key) in MENU {
             line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), bound(&action(key, exe, dir, f))));
         }
+    }
+    if f.has(Feat::NewParser) {
         // Enter / q act on a dead shell pane only; otherwise the key goes to the pane unchanged.
+        // (Not before 3.0: there the `send-keys` of the if-shell runs after keys typed next, and a
+        // fast typist's Enter lands after the following letters.)
         let dead_shell = if f.pane_options { "#{&&:#{pane_dead},#{!=:#{@linbit-role},chat}}" } else { "#{pane_dead}" };
         line(&mut c, "bind-key -n Enter if-shell -F '#{pane_dead}' 'respawn-pane' 'send-keys Enter'");
         line(
