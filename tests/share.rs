@@ -459,6 +459,12 @@ fn another_prefix_drives_the_same_keys() {
     );
     assert_eq!(role(&c), "shell");
     c.keys(&["C-d"]);
+    // Q only once the shell has its prompt back: under load the prefix otherwise races cat's exit.
+    let prompt_back = |s: &str| {
+        let lines: Vec<&str> = s.lines().map(str::trim_end).collect();
+        lines.iter().rposition(|l| *l == "^Bc").is_some_and(|i| lines[i + 1..].iter().any(|l| *l == "$" || *l == "#"))
+    };
+    assert!(c.wait_screen(secs(15), prompt_back), "cat did not end:\n{}", c.screen());
     c.keys(&["C-a", "Q"]);
     assert_eq!(c.wait_status(secs(20)), Some(0), "{}", c.diag());
     c.assert_clean();
