@@ -168,13 +168,23 @@ impl LineEditor {
     }
 }
 
-/// Split text into pieces of at most `width` characters (at least one piece).
+/// What starts every row after a message's first: a relay that knows the pane's width could
+/// otherwise pad a chat line so that its second row reads like one of our own messages (F5).
+const CONTINUATION: &str = "  ";
+
+/// Split text into rows of at most `width` characters (at least one row); every row after the
+/// first starts with [`CONTINUATION`], so only a message's first row begins at column 1.
 fn wrap(s: &str, width: usize) -> Vec<String> {
     let chars: Vec<char> = s.chars().collect();
-    if chars.is_empty() {
-        return vec![String::new()];
+    let width = width.max(CONTINUATION.len() + 1);
+    if chars.len() <= width {
+        return vec![chars.iter().collect()];
     }
-    chars.chunks(width.max(1)).map(|c| c.iter().collect()).collect()
+    let mut rows = vec![chars[..width].iter().collect::<String>()];
+    for c in chars[width..].chunks(width - CONTINUATION.len()) {
+        rows.push(format!("{CONTINUATION}{}", c.iter().collect::<String>()));
+    }
+    rows
 }
 
 fn fit(s: &str, width: usize) -> String {
@@ -397,6 +407,20 @@ pub fn run(dir: &Path) -> i32 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_messages_first_row_starts_at_column_one() {
+        // A relay pads its chat so that a row would read like our own message (F5).
+        let forged = format!("support (x): {}tunnel closed: support keys removed", "a".repeat(7));
+        let rows = wrap(&forged, 20);
+        assert!(rows.len() > 1);
+        assert!(rows[1..].iter().all(|r| r.starts_with(CONTINUATION)), "{rows:?}");
+        assert!(rows.iter().all(|r| r.chars().count() <= 20), "{rows:?}");
+        let back: String = rows.iter().enumerate().map(|(i, r)| if i == 0 { &r[..] } else { &r[2..] }).collect();
+        assert_eq!(back, forged);
+        assert_eq!(wrap("", 20), [""]);
+        assert_eq!(wrap("short", 20), ["short"]);
+    }
     use super::*;
 
     #[test]

@@ -1557,6 +1557,8 @@ fn fifo_lines(kind: &str, payload: &[u8]) -> Vec<String> {
             cut -= 1;
         }
         let (piece, tail) = rest.split_at(cut);
+        // A continuation is indented like a wrapped row, so it cannot pass for a message of ours (F5).
+        let piece = if out.is_empty() { piece.to_string() } else { format!("  {piece}") };
         out.push(format!("{kind} {}\n", B64.encode(piece.as_bytes())));
         rest = tail;
         if rest.is_empty() || kind != "M" {
@@ -1642,10 +1644,12 @@ mod tests {
         let lines = fifo_lines("M", text.as_bytes());
         assert!(lines.len() > 1);
         let mut back = String::new();
-        for l in &lines {
+        for (i, l) in lines.iter().enumerate() {
             assert!(l.len() <= 4096, "{} bytes", l.len());
             let b64 = l.strip_prefix("M ").and_then(|l| l.strip_suffix('\n')).unwrap();
-            back.push_str(&String::from_utf8(B64.decode(b64).unwrap()).unwrap());
+            let piece = String::from_utf8(B64.decode(b64).unwrap()).unwrap();
+            // Every piece after the first is indented, so it cannot pass for a message of ours (F5).
+            back.push_str(if i == 0 { &piece } else { piece.strip_prefix("  ").expect("continuation indented") });
         }
         assert_eq!(back, text);
         // A status row is one line, cut if it had to be.
