@@ -625,7 +625,7 @@ fn attach_while_daemon_lives(sock: &Path, dir: &SessionDir) -> Option<(u8, Strin
         if matches!(attach.try_wait(), Ok(Some(_)) | Err(_)) {
             return wait_exit_file(dir);
         }
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        let alive = pid.is_some_and(process_alive);
         if !alive && !dir.file("exit").exists() {
             // Give an orderly end that is just writing its exit file a moment, then take over.
             if let Some(x) = wait_exit_file_for(dir, Duration::from_millis(500)) {
@@ -639,6 +639,16 @@ fn attach_while_daemon_lives(sock: &Path, dir: &SessionDir) -> Option<(u8, Strin
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A killed daemon stays in /proc as a zombie until its parent reaps it, which a busy or stopped
+/// parent may not do at once: only a process that is still running counts.
+fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state is the first field after the command name, which is in parentheses and may itself
+    // contain spaces or parentheses.
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X") | Some("x"))
 }
 
 fn kill_server(sock: &Path) {
@@ -844,5 +854,22 @@ mod tests {
         assert_eq!(super::tmux_failure_text(b"a\nb\r\n\n"), "a; b");
         assert_eq!(super::tmux_failure_text(b"x\x1b[2Jy\n"), "x^[[2Jy");
         assert_eq!(super::tmux_failure_text(b""), "no reason given");
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        assert!(super::process_alive(pid));
+        child.kill().unwrap();
+        // Killed but not reaped yet: a zombie, which /proc still lists.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::process_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "reaped too early for this test");
+        assert!(!super::process_alive(pid));
+        child.wait().unwrap();
+        assert!(!super::process_alive(pid));
     }
 }

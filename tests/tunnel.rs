@@ -779,7 +779,13 @@ fn a_killed_daemon_takes_master_and_keys_with_it_and_the_customer_is_told() {
     Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
     // Within seconds: the keys are gone, the relay connection and the forward are gone, and the
     // launcher has ended the session with status 1.
-    assert!(until(secs(10), || !has_block(&bed.authkeys())), "keys still installed after the daemon died");
+    // Seconds, not forever: the launcher notices within a second; the rest is tmux and a locked
+    // rewrite of the file, slow only when every core is busy with the tests running beside this one.
+    assert!(
+        until(secs(20), || !has_block(&bed.authkeys())),
+        "keys still installed after the daemon died\n{}",
+        cust.diag()
+    );
     assert!(until(secs(10), || conn.is_closed()), "the relay still has the connection");
     assert!(!login_works(bed.target.port, &bed.key));
     assert!(until(secs(15), || cust.exit_status().is_some()), "the launcher did not notice\n{}", cust.diag());
