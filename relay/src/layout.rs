@@ -203,10 +203,9 @@ pub fn root_or_default(root: Option<&Path>) -> Layout {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> Config {
+impl Config {
+    /// The configuration the unit tests of several modules render from.
+    pub(crate) fn sample() -> Config {
         Config {
             port: 2222,
             api_port: 8443,
@@ -219,15 +218,20 @@ mod tests {
             retain_days: 90,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn config_round_trips() {
-        assert_eq!(Config::parse(&sample().render()), Ok(sample()));
+        assert_eq!(Config::parse(&Config::sample().render()), Ok(Config::sample()));
     }
 
     #[test]
     fn config_is_strict() {
-        let t = sample().render();
+        let t = Config::sample().render();
         assert!(Config::parse(&t.replace("port=2222", "port=x")).unwrap_err().contains("port"));
         assert!(Config::parse(&format!("{t}bogus=1\n")).unwrap_err().contains("unknown key bogus"));
         assert!(Config::parse(&format!("{t}port=1\n")).unwrap_err().contains("twice"));

@@ -199,23 +199,9 @@ pub fn render_expire_units(cfg: &Config, layout: &Layout) -> (String, String) {
 mod tests {
     use super::*;
 
-    fn cfg() -> Config {
-        Config {
-            port: 2222,
-            api_port: 8443,
-            customer_user: "tunl".into(),
-            support_group: "tunl-support".into(),
-            pam_service: "tunl-relay-sshd".into(),
-            binary: "/usr/local/bin/tunl-relay".into(),
-            listen: "0.0.0.0".into(),
-            idle_minutes: 120,
-            retain_days: 90,
-        }
-    }
-
     #[test]
     fn sshd_config_confines_both_kinds_of_account() {
-        let c = render_sshd_config(&cfg(), &Layout::new("/"));
+        let c = render_sshd_config(&Config::sample(), &Layout::new("/"));
         assert!(c.contains("Port 2222\n"));
         let (global, rest) = c.split_once("Match User tunl\n").unwrap();
         let (customer, support) = rest.split_once("Match Group tunl-support\n").unwrap();
@@ -234,15 +220,16 @@ mod tests {
     #[test]
     fn a_test_root_is_named_in_every_command() {
         let l = Layout::new("/tmp/r1");
-        assert_eq!(relay_command(&cfg(), &l, "produce"), "/usr/local/bin/tunl-relay produce --root /tmp/r1");
+        assert_eq!(relay_command(&Config::sample(), &l, "produce"), "/usr/local/bin/tunl-relay produce --root /tmp/r1");
         assert!(
-            render_pam(&cfg(), &l)
+            render_pam(&Config::sample(), &l)
                 .contains("pam_exec.so expose_authtok quiet /usr/local/bin/tunl-relay pam-ki --root /tmp/r1\n")
         );
         assert!(
-            render_sshd_unit(&cfg(), &l).contains("ExecStart=/tmp/r1/etc/tunl-relay/sbin/tunl-relay-sshd -D -e -f")
+            render_sshd_unit(&Config::sample(), &l)
+                .contains("ExecStart=/tmp/r1/etc/tunl-relay/sbin/tunl-relay-sshd -D -e -f")
         );
-        assert!(render_api_unit(&cfg(), &l).contains("User=tunl\n"));
+        assert!(render_api_unit(&Config::sample(), &l).contains("User=tunl\n"));
     }
 
     #[test]
