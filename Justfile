@@ -14,7 +14,7 @@ setup:
     #!/usr/bin/env bash
     set -euo pipefail
     need=()
-    for p in tmux openssh-server openssh-client socat musl-tools binutils openssl procps curl file; do
+    for p in tmux openssh-server openssh-client socat musl-tools binutils openssl procps curl file asciinema; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
     done
     # The share tests drive a full-screen editor as support would.

@@ -16,6 +16,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rustix::event::{PollFd, PollFlags};
 
 use crate::cli::Config;
+use crate::marks::{self, Answer, Mark, Who};
 use crate::mux::{self, Mux};
 use crate::proc::{self, Proc};
 use crate::protocol::{self, RelayMsg, Verdict};
@@ -176,6 +177,8 @@ pub struct Daemon {
     end: Option<End>,
     /// Why the session ended, for the launcher to print once the customer's terminal is back.
     farewell: String,
+    /// Why the session ended, in the recording's last marker (support's CLOSE reason, a fatal error).
+    end_why: String,
     host: String,
     ips: Vec<String>,
 }
@@ -226,6 +229,7 @@ impl Daemon {
             keys,
             end: None,
             farewell: String::new(),
+            end_why: String::new(),
             host,
             ips,
         })
@@ -283,6 +287,41 @@ impl Daemon {
             eprintln!("linbit-tunl: {line}");
         }
         self.chat_send("M", line.as_bytes());
+    }
+
+    /// Put a session event into the customer's record: a marker in the recording, and a chat line
+    /// or note also into the transcript beside it.
+    fn mark(&mut self, m: Mark) {
+        let Some(r) = &mut self.rec else { return };
+        let mut done = r.mark(&marks::label(&m));
+        if let (Ok(()), Some(line)) = (&done, marks::transcript_line(now_unix(), &m)) {
+            done = r.transcript(&line);
+        }
+        if let Err(e) = done {
+            self.recording_failed(&e);
+        }
+    }
+
+    /// A write to the recording or the transcript failed (a full disk): the session goes on without
+    /// them, and the customer is told, once (no recorder is left to fail again).
+    fn recording_failed(&mut self, e: &std::io::Error) {
+        self.rec = None;
+        let path = self.rec_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let msg = format!("recording stopped: cannot write {path}: {e}; the session goes on unrecorded");
+        self.log.line(&msg);
+        self.chat_show(&msg);
+    }
+
+    /// A tunnel request for the record: who, as whom, where, which keys.
+    fn mark_request(&mut self, req: &str, from: &str, keys: &[String]) {
+        let target = format!("{}:{}", self.cfg.target_host, self.cfg.target_port);
+        let user = self.cfg.user.clone();
+        self.mark(Mark::Request { req, from, user: &user, target: &target, keys });
+    }
+
+    fn mark_answer(&mut self, req: &str, answer: Answer) {
+        let from = self.requester(req);
+        self.mark(Mark::Answer { req, from: &from, answer });
     }
 
     // ---- the relay link -------------------------------------------------------------------
@@ -369,6 +408,9 @@ impl Daemon {
         self.tunnel.link_lost();
         if self.end.is_some() {
             return;
+        }
+        if was_up {
+            self.mark(Mark::Disconnected { why });
         }
         self.sshlog.line(&format!("link lost: {why}"));
         if !self.ever_welcomed {
@@ -466,7 +508,10 @@ impl Daemon {
             Verdict::Accept => {}
             Verdict::Drop(_) => return,
             Verdict::Reject(reason) => {
-                if let RelayMsg::Upgrade { req, .. } = &msg {
+                if let RelayMsg::Upgrade { req, from, keys } = &msg {
+                    let from = text::neutralize(from.as_bytes(), 64);
+                    self.mark_request(req, &from, &fingerprints(keys));
+                    self.mark(Mark::Answer { req, from: &from, answer: Answer::Rejected(reason) });
                     if let Some(o) = self.out() {
                         protocol::push_tunnel_rejected(o, req, reason);
                     }
@@ -482,8 +527,12 @@ impl Daemon {
                 let line =
                     format!("support ({}): {}", text::neutralize(from.as_bytes(), 64), text::neutralize(&t, 4000));
                 self.chat_show(&line);
+                self.mark(Mark::Chat { who: Who::Support(&from), text: &t });
             }
             RelayMsg::Viewers(n) => {
+                if n != self.viewers {
+                    self.mark(Mark::Viewers { before: self.viewers, now: n });
+                }
                 self.viewers = n;
                 if self.foreground {
                     eprintln!("linbit-tunl: support viewers: {n}");
@@ -491,6 +540,7 @@ impl Daemon {
                 self.status_row();
             }
             RelayMsg::Note(t) => {
+                self.mark(Mark::Note(&t));
                 self.note = text::neutralize(&t, 200);
                 let note = self.note.clone();
                 self.chat_send("S2", note.as_bytes());
@@ -508,6 +558,7 @@ impl Daemon {
             RelayMsg::Close { reason } => {
                 let r = text::neutralize(reason.as_bytes(), 200);
                 self.farewell = format!("support ended the session: {r}");
+                self.end_why = r;
                 self.tell(&self.farewell.clone());
                 self.begin_end(End::RelayClose);
             }
@@ -527,6 +578,7 @@ impl Daemon {
         let first = !self.ever_welcomed;
         self.ever_welcomed = true;
         self.tell(&format!("connected to the relay (support viewers: {viewers})"));
+        self.mark(if first { Mark::Connected { viewers } } else { Mark::Reconnected { viewers } });
         if first {
             let _ = crate::sessiondir::publish(&self.dir.file("state"), "ready\n");
         }
@@ -629,9 +681,8 @@ impl Daemon {
             self.on_tmux_event(ev);
         }
         // The recorder gathers this read's output; one write(2) for all of it (see recording.rs).
-        if self.rec.as_mut().is_some_and(|r| r.flush().is_err()) {
-            self.log.line("recording stopped: write failed");
-            self.rec = None;
+        if let Some(Err(e)) = self.rec.as_mut().map(|r| r.flush()) {
+            self.recording_failed(&e);
         }
         if eof && self.end.is_none() {
             self.log.line("tmux control client ended: the tmux server is gone");
@@ -645,9 +696,8 @@ impl Daemon {
                 if Some(pane) != self.tmux.as_ref().and_then(|t| t.shell) {
                     return;
                 }
-                if self.rec.as_mut().is_some_and(|r| r.output(&data).is_err()) {
-                    self.log.line("recording stopped: write failed");
-                    self.rec = None;
+                if let Some(Err(e)) = self.rec.as_mut().map(|r| r.output(&data)) {
+                    self.recording_failed(&e);
                 }
                 if let Some(o) = self.out() {
                     protocol::push_o(o, &data);
@@ -799,19 +849,21 @@ impl Daemon {
 
     fn on_upgrade(&mut self, req: String, from: String, keys: Vec<u8>) {
         let from_shown = text::neutralize(from.as_bytes(), 64);
+        let shown = fingerprints(&keys);
+        self.mark_request(&req, &from_shown, &shown);
         // Keys are checked before anyone is asked: a request we could never honour needs no popup.
         if let Err(e) = authkeys::validate_keys(&keys) {
             self.log.line(&format!("tunnel request {req} from {from_shown} refused: {e}"));
+            self.mark(Mark::Answer {
+                req: &req,
+                from: &from_shown,
+                answer: Answer::Rejected(protocol::RejectReason::InvalidKey),
+            });
             if let Some(o) = self.out() {
                 protocol::push_tunnel_rejected(o, &req, protocol::RejectReason::InvalidKey);
             }
             return;
         }
-        let shown: Vec<String> = authkeys::validate_keys(&keys)
-            .unwrap_or_default()
-            .iter()
-            .map(|k| ui::fingerprint(k).unwrap_or_else(|| "(a key ssh-keygen would not fingerprint)".into()))
-            .collect();
         let n = self.next_ask;
         self.next_ask = self.next_ask % 999_999_999 + 1;
         self.requesters.push(Requester { req: req.clone(), n, from: from_shown.clone(), keys: shown });
@@ -845,6 +897,7 @@ impl Daemon {
                 tunnel::Effect::Popup { req, from } => self.popup(&req, &from),
                 tunnel::Effect::Install { req, keys } => self.install(&req, &keys),
                 tunnel::Effect::Reject { req, reason } => {
+                    self.mark_answer(&req, Answer::Rejected(reason));
                     if reason == protocol::RejectReason::Denied {
                         let from = self.requester(&req);
                         self.chat_show(&format!("tunnel request from {from} denied"));
@@ -872,6 +925,7 @@ impl Daemon {
                 }
                 tunnel::Effect::Closed(reason) => {
                     let reason = if reason == protocol::CloseReason::Revoked { closed_as } else { reason };
+                    self.mark(Mark::Closed(reason));
                     if let Some(o) = self.out() {
                         protocol::push_tunnel_closed(o, reason);
                     }
@@ -957,6 +1011,7 @@ impl Daemon {
         let user = self.cfg.user.clone();
         for (req, _) in batch {
             self.tunnel.opened(&req);
+            self.mark_answer(&req, Answer::Granted { port });
             let from = self.requester(&req);
             self.chat_show(&format!("tunnel granted to {from}: support can log in as {user}"));
             if let Some(o) = self.out() {
@@ -991,6 +1046,7 @@ impl Daemon {
                 mux::Outcome::Opened(port) => {
                     self.forward_port = Some(port);
                     self.tunnel.forward_opened();
+                    self.mark(Mark::ForwardOpen { port });
                     self.tell(&format!("reverse tunnel open on relay port {port}"));
                     // After a reconnect: the tunnels that were open are open again, on the new port.
                     let user = self.cfg.user.clone();
@@ -1020,12 +1076,18 @@ impl Daemon {
 
     /// Whether the keys are gone (verified by reading the file again).
     fn remove_keys(&mut self) -> bool {
-        self.installed.clear();
+        let had = !std::mem::take(&mut self.installed).is_empty();
         // On failure the journal stays in the session directory: the launcher tries again at the
         // end and, if the keys are still there, tells the customer which lines to delete (F12).
         match self.keys.remove() {
-            Ok(()) => true,
+            Ok(()) => {
+                if had {
+                    self.mark(Mark::KeysRemoved);
+                }
+                true
+            }
             Err(left) => {
+                self.mark(Mark::KeysLeft);
                 for line in left.message() {
                     self.log.line(&line);
                     self.chat_show(&line);
@@ -1060,7 +1122,7 @@ impl Daemon {
             ["quit"] => self.begin_end(End::Customer),
             ["grant"] => {
                 let r = self.tunnel.grant();
-                self.customer_tunnel(r, |t| match t.state() {
+                self.customer_tunnel("grant", r, |t| match t.state() {
                     tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
                     tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
                     _ => "tunnel already open",
@@ -1068,14 +1130,15 @@ impl Daemon {
             }
             ["revoke"] => {
                 let r = self.tunnel.revoke();
-                self.customer_tunnel(r, |_| "tunnel revoked: each request will be asked for again");
+                self.customer_tunnel("revoke", r, |_| "tunnel revoked: each request will be asked for again");
             }
             ["block"] => {
                 let r = self.tunnel.block();
-                self.customer_tunnel(r, |_| "tunnel requests blocked (Ctrl-b u to unblock)");
+                self.customer_tunnel("block", r, |_| "tunnel requests blocked (Ctrl-b u to unblock)");
             }
             ["brb"] => match self.tunnel.set_brb(true) {
                 Ok(()) => {
+                    self.mark(Mark::Brb(true));
                     self.chat_show("BRB: support keystrokes are paused; /back to resume");
                     self.send_state();
                     self.status_row();
@@ -1085,6 +1148,7 @@ impl Daemon {
             ["back"] => {
                 if self.tunnel.brb() {
                     let _ = self.tunnel.set_brb(false);
+                    self.mark(Mark::Brb(false));
                     self.chat_show("back: support can type again");
                     self.send_state();
                     self.status_row();
@@ -1092,9 +1156,11 @@ impl Daemon {
             }
             ["chat", b64] => match B64.decode(b64) {
                 Ok(t) if !t.is_empty() && t.len() <= 4096 => {
-                    if let Some(o) = self.out() {
-                        let _ = protocol::push_chat(o, &t);
-                    }
+                    let delivered = match self.out() {
+                        Some(o) => protocol::push_chat(o, &t).is_ok(),
+                        None => false,
+                    };
+                    self.mark(Mark::Chat { who: Who::Customer { delivered }, text: &t });
                 }
                 _ => self.log.line("ctl: bad chat line dropped"),
             },
@@ -1124,9 +1190,15 @@ impl Daemon {
     }
 
     /// Carry out the customer's tunnel decision (Ctrl-b u/U/X or the menu) and tell them what it did.
-    fn customer_tunnel(&mut self, r: Result<Vec<tunnel::Effect>, &'static str>, said: fn(&Tunnel) -> &'static str) {
+    fn customer_tunnel(
+        &mut self,
+        word: &str,
+        r: Result<Vec<tunnel::Effect>, &'static str>,
+        said: fn(&Tunnel) -> &'static str,
+    ) {
         match r {
             Ok(fx) => {
+                self.mark(Mark::Decision { word, state: self.tunnel.state() });
                 self.apply(fx, protocol::CloseReason::Revoked);
                 self.chat_show(said(&self.tunnel));
                 self.send_state();
@@ -1139,6 +1211,9 @@ impl Daemon {
 
     fn fatal(&mut self, msg: &str) {
         self.tell(msg);
+        if self.end_why.is_empty() {
+            self.end_why = msg.to_string();
+        }
         if !self.ever_welcomed {
             let _ = crate::sessiondir::publish(&self.dir.file("state"), &format!("failed {msg}\n"));
         }
@@ -1158,6 +1233,7 @@ impl Daemon {
         let deadline = Instant::now() + SHUTDOWN_LIMIT;
         self.log.line(&format!("ending: {end:?}"));
         if self.tunnel.state() == tunnel::State::Active {
+            self.mark(Mark::Closed(protocol::CloseReason::Ended));
             if let Some(o) = self.out() {
                 protocol::push_tunnel_closed(o, protocol::CloseReason::Ended);
             }
@@ -1191,6 +1267,8 @@ impl Daemon {
             let _ = l.p.child.kill();
             let _ = l.p.child.wait();
         }
+        let why = std::mem::take(&mut self.end_why);
+        self.mark(Mark::End { end, why: &why });
         if let Some(r) = self.rec.take() {
             let _ = r.finish();
         }
@@ -1198,6 +1276,7 @@ impl Daemon {
             // A session that never connected showed nobody anything: no recording of it stays.
             if let Some(p) = self.rec_path.take() {
                 let _ = std::fs::remove_file(&p);
+                let _ = std::fs::remove_file(recording::transcript_path(&p));
                 self.log.line("recording removed: the session never connected");
             }
         }
@@ -1565,6 +1644,15 @@ fn fifo_lines(kind: &str, payload: &[u8]) -> Vec<String> {
             return out;
         }
     }
+}
+
+/// The keys of a tunnel request as `ssh-keygen -lf` prints them; none if they are not valid.
+fn fingerprints(keys: &[u8]) -> Vec<String> {
+    authkeys::validate_keys(keys)
+        .unwrap_or_default()
+        .iter()
+        .map(|k| ui::fingerprint(k).unwrap_or_else(|| "(a key ssh-keygen would not fingerprint)".into()))
+        .collect()
 }
 
 fn ts(d: Duration) -> rustix::event::Timespec {

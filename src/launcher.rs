@@ -316,6 +316,10 @@ fn keys_gone(dir: &SessionDir, id: &str) -> bool {
 fn finish(dir: &SessionDir, status: u8, connected: bool, debug: bool, rec: Option<&str>) -> u8 {
     if let Some(r) = rec.filter(|r| !r.is_empty()) {
         say(&format!("session recording: {r} (replay with: asciinema play -i 2 {r})"));
+        let chat = crate::recording::transcript_path(std::path::Path::new(r));
+        if chat.is_file() {
+            say(&format!("chat transcript: {}", chat.display()));
+        }
     }
     let keep = debug || status == 1 || !connected;
     if keep {

@@ -7,6 +7,7 @@ mod cli;
 mod daemon;
 mod json;
 mod launcher;
+mod marks;
 mod mux;
 mod proc;
 mod protocol;

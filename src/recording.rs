@@ -5,6 +5,9 @@
 //! costs one write per read instead of one per `%output` line), and by itself beyond `FLUSH_AT`.
 //! A crash at any point leaves a playable file, missing at most the last unflushed read. Output chunks may split a UTF-8 sequence; the incomplete tail waits
 //! for the next chunk, and bytes that are not UTF-8 become U+FFFD (the format carries text).
+//!
+//! Session events are marker events (`"m"`, labels from `marks`), and chat lines also go to the
+//! transcript beside the recording: same stem, `.chat.txt`, created with it, mode 0600.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -27,6 +30,8 @@ const FLUSH_AT: usize = 64 * 1024;
 
 pub struct Recorder {
     file: File,
+    /// The chat transcript (`transcript_path`).
+    chat: File,
     /// Complete event lines not yet written.
     pending: Vec<u8>,
     start: Instant,
@@ -80,24 +85,31 @@ impl Recorder {
             }
             for n in 0..100 {
                 let path = if n == 0 { d.join(format!("{name}.cast")) } else { d.join(format!("{name}-{n}.cast")) };
-                match OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .open(&path)
-                {
-                    Ok(file) => {
-                        let mut r = Recorder { file, pending: Vec::new(), start: Instant::now(), tail: Vec::new() };
-                        r.write_header(now, header)?;
-                        return Ok((r, path));
-                    }
+                let file = match new_private(&path) {
+                    Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                     Err(e) => {
                         last_err = e;
                         break;
                     }
-                }
+                };
+                // The pair shares one stem: a name whose transcript is taken (or planted) is not ours.
+                let chat = match new_private(&transcript_path(&path)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        if e.kind() == io::ErrorKind::AlreadyExists {
+                            continue;
+                        }
+                        last_err = e;
+                        break;
+                    }
+                };
+                let mut r = Recorder { file, chat, pending: Vec::new(), start: Instant::now(), tail: Vec::new() };
+                let cast_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                r.write_header(now, header)?;
+                r.chat.write_all(crate::marks::transcript_header(&cast_name).as_bytes())?;
+                return Ok((r, path));
             }
         }
         Err(last_err)
@@ -146,6 +158,16 @@ impl Recorder {
         r
     }
 
+    /// A marker (chapter mark in the player) for a session event, after the output so far.
+    pub fn mark(&mut self, label: &str) -> io::Result<()> {
+        self.event("m", label)
+    }
+
+    /// One line of the chat transcript (a complete, neutralised line from `marks::transcript_line`).
+    pub fn transcript(&mut self, line: &str) -> io::Result<()> {
+        self.chat.write_all(line.as_bytes())
+    }
+
     /// Record a change of the pane's size.
     pub fn resize(&mut self, width: u16, height: u16) -> io::Result<()> {
         self.event("r", &format!("{width}x{height}"))
@@ -164,7 +186,8 @@ impl Recorder {
             let t = String::from_utf8_lossy(&std::mem::take(&mut self.tail)).into_owned();
             self.event("o", &t)?;
         }
-        self.file.sync_all()
+        self.file.sync_all()?;
+        self.chat.sync_all()
     }
 }
 
@@ -173,6 +196,21 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         let _ = self.flush();
     }
+}
+
+/// The chat transcript beside a recording: `NAME.cast` -> `NAME.chat.txt`.
+pub fn transcript_path(cast: &Path) -> PathBuf {
+    cast.with_extension("chat.txt")
+}
+
+/// A new file, mode 0600, never through a planted link, never an existing file.
+fn new_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
 }
 
 /// Decode UTF-8, replacing invalid bytes with U+FFFD, but hold back an incomplete sequence at the end.
@@ -282,6 +320,9 @@ mod tests {
         r.output(&euro[1..2]).unwrap();
         r.output(&[euro[2], b'!', 0xff, b'x', 0xc3]).unwrap();
         r.resize(100, 30).unwrap();
+        r.mark("chat support (eve): hi \"there\"").unwrap();
+        r.output(b"after").unwrap();
+        r.transcript("2026-11-25T15:30:00Z support (eve): hi\n").unwrap();
         r.finish().unwrap();
 
         let text = std::fs::read_to_string(&path).unwrap();
@@ -303,14 +344,25 @@ mod tests {
             assert!(*t >= last_t);
             last_t = *t;
             kinds.push_str(k);
-            if k == "o" {
-                out.push_str(s);
-            } else {
-                assert_eq!(s, "100x30");
+            match k.as_str() {
+                "o" => out.push_str(s),
+                "r" => assert_eq!(s, "100x30"),
+                _ => assert_eq!(s, "chat support (eve): hi \"there\""),
             }
         }
-        assert_eq!(kinds, "ooro");
-        assert_eq!(out, "hello \"q\" \\ \x1b[1m\r\n€!\u{FFFD}x\u{FFFD}");
+        // The marker comes after the output written before it, and before what followed.
+        assert_eq!(kinds, "oormo");
+        assert_eq!(out, "hello \"q\" \\ \x1b[1m\r\n€!\u{FFFD}x\u{FFFD}after");
+        // The transcript: same stem, 0600, a header naming the recording, then the lines.
+        let chat = dir.join("linbit-tunl_20261125T153000Z_node1_x.chat.txt");
+        assert_eq!(transcript_path(&path), chat);
+        assert_eq!(std::fs::metadata(&chat).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&chat).unwrap(),
+            "# linbit-tunl chat transcript for linbit-tunl_20261125T153000Z_node1_x.cast; \
+             one line per message: UTC time, sender, text\n\
+             2026-11-25T15:30:00Z support (eve): hi\n"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -323,14 +375,29 @@ mod tests {
         let now = UNIX_EPOCH;
         // A planted symlink at the first name is not followed; the next name is used.
         std::os::unix::fs::symlink("/dev/null", dir.join("linbit-tunl_19700101T000000Z_h.cast")).unwrap();
+        // A planted transcript name is not followed either: the pair moves on to a free stem together.
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("linbit-tunl_19700101T000000Z_h-1.chat.txt")).unwrap();
         let (_r, p) = Recorder::create(Some(&dir), None, "h", now, &header).unwrap();
-        assert_eq!(p, dir.join("linbit-tunl_19700101T000000Z_h-1.cast"));
+        assert_eq!(p, dir.join("linbit-tunl_19700101T000000Z_h-2.cast"));
+        assert!(!dir.join("linbit-tunl_19700101T000000Z_h-1.cast").exists(), "a half pair was left behind");
+        assert!(dir.join("linbit-tunl_19700101T000000Z_h-2.chat.txt").is_file());
         // An unusable override directory is an error, not a silent fallback.
         let file = dir.join("plainfile");
         std::fs::write(&file, "").unwrap();
         assert!(Recorder::create(Some(&file), None, "h", now, &header).is_err());
         assert_eq!(default_dirs(Some(Path::new("/home/u")))[1], PathBuf::from("/home/u/.local/share/linbit-tunl"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_full_disk_is_an_error_the_caller_sees() {
+        let full = || OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut r =
+            Recorder { file: full(), chat: full(), pending: Vec::new(), start: Instant::now(), tail: Vec::new() };
+        assert!(r.mark("relay connected (viewers: 1)").is_err());
+        assert!(r.transcript("2026-11-25T15:30:00Z customer: hi\n").is_err());
+        r.output(b"x").unwrap();
+        assert!(r.flush().is_err());
     }
 
     #[test]

@@ -503,7 +503,7 @@ fn check_cast(path: &std::path::Path) -> String {
         assert!(t >= last, "time goes backwards: {l}");
         last = t;
         let (J::Str(kind), J::Str(data)) = (&v[1], &v[2]) else { panic!("{l}") };
-        assert!(kind == "o" || kind == "r", "{l}");
+        assert!(kind == "o" || kind == "r" || kind == "m", "{l}");
         if kind == "o" {
             out.push_str(data);
         }
