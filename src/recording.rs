@@ -28,10 +28,41 @@ pub struct Header {
 /// Pending output beyond this is written at once, whether or not the daemon flushes.
 const FLUSH_AT: usize = 64 * 1024;
 
-pub struct Recorder {
+/// A file that only ever holds whole lines: a write that fails (a full disk) is cut back to where
+/// the last whole write ended, and nothing is written after it, so what is there stays readable.
+struct Lines {
     file: File,
+    len: u64,
+    broken: bool,
+}
+
+impl Lines {
+    fn new(file: File) -> Lines {
+        Lines { file, len: 0, broken: false }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::other("an earlier write failed"));
+        }
+        match self.file.write_all(bytes) {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.broken = true;
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
+}
+
+pub struct Recorder {
+    file: Lines,
     /// The chat transcript (`transcript_path`).
-    chat: File,
+    chat: Lines,
     /// Complete event lines not yet written.
     pending: Vec<u8>,
     start: Instant,
@@ -105,10 +136,11 @@ impl Recorder {
                         break;
                     }
                 };
+                let (file, chat) = (Lines::new(file), Lines::new(chat));
                 let mut r = Recorder { file, chat, pending: Vec::new(), start: Instant::now(), tail: Vec::new() };
                 let cast_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 r.write_header(now, header)?;
-                r.chat.write_all(crate::marks::transcript_header(&cast_name).as_bytes())?;
+                r.chat.write(crate::marks::transcript_header(&cast_name).as_bytes())?;
                 return Ok((r, path));
             }
         }
@@ -125,7 +157,7 @@ impl Recorder {
             json_str(&h.shell),
             json_str(&format!("linbit-tunl {}", h.session_id))
         );
-        self.file.write_all(line.as_bytes())
+        self.file.write(line.as_bytes())
     }
 
     fn elapsed(&self) -> String {
@@ -153,7 +185,7 @@ impl Recorder {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let r = self.file.write_all(&self.pending);
+        let r = self.file.write(&self.pending);
         self.pending.clear();
         r
     }
@@ -165,7 +197,7 @@ impl Recorder {
 
     /// One line of the chat transcript (a complete, neutralised line from `marks::transcript_line`).
     pub fn transcript(&mut self, line: &str) -> io::Result<()> {
-        self.chat.write_all(line.as_bytes())
+        self.chat.write(line.as_bytes())
     }
 
     /// Record a change of the pane's size.
@@ -176,7 +208,7 @@ impl Recorder {
     fn event(&mut self, kind: &str, text: &str) -> io::Result<()> {
         self.flush()?;
         let line = format!("[{}, \"{kind}\", {}]\n", self.elapsed(), json_str(text));
-        self.file.write_all(line.as_bytes())
+        self.file.write(line.as_bytes())
     }
 
     /// Write out a pending incomplete sequence (as U+FFFD) and sync the file.
@@ -186,8 +218,8 @@ impl Recorder {
             let t = String::from_utf8_lossy(&std::mem::take(&mut self.tail)).into_owned();
             self.event("o", &t)?;
         }
-        self.file.sync_all()?;
-        self.chat.sync_all()
+        self.file.file.sync_all()?;
+        self.chat.file.sync_all()
     }
 }
 
@@ -391,7 +423,7 @@ mod tests {
 
     #[test]
     fn a_full_disk_is_an_error_the_caller_sees() {
-        let full = || OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let full = || Lines::new(OpenOptions::new().write(true).open("/dev/full").unwrap());
         let mut r =
             Recorder { file: full(), chat: full(), pending: Vec::new(), start: Instant::now(), tail: Vec::new() };
         assert!(r.mark("relay connected (viewers: 1)").is_err());
