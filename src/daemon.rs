@@ -16,6 +16,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rustix::event::{PollFd, PollFlags};
 
 use crate::cli::Config;
+use crate::console::Console;
 use crate::marks::{self, Answer, Mark, Who};
 use crate::mux::{self, Mux};
 use crate::proc::{self, Proc};
@@ -50,6 +51,14 @@ const SNAP_EVERY: Duration = Duration::from_secs(1);
 /// What one poll wake-up reads from one pipe at most (F4): the other pipes, timers and signals get
 /// their turn even when a producer refills the pipe as fast as we empty it.
 const READ_BUDGET: usize = 256 << 10;
+/// A relay that takes nothing from us for this long is as dead as one that says nothing (F3): it may
+/// keep the link "alive" with PING while our queue towards it stands still.
+const STALL_LIMIT: Duration = SILENCE_LIMIT;
+/// While this much waits for the tmux control client unwritten, or this many commands wait for
+/// their reply, support's keystrokes are dropped (`dropped K reason=tmux-busy`) and the status rows
+/// wait: a tmux that stopped reading must not make our queue grow with each relay line (F3).
+const TMUX_QUEUE_MAX: usize = 1 << 20;
+const TMUX_PENDING_MAX: usize = 4096;
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +100,8 @@ struct Link {
     /// When we last sent a PING.
     last_ping: Instant,
     started: Instant,
+    /// Since when bytes wait for ssh's stdin without any being taken (F3).
+    stalled_since: Option<Instant>,
     stdout_eof: bool,
     stderr_eof: bool,
 }
@@ -135,7 +146,8 @@ struct Requester {
 pub struct Daemon {
     cfg: Config,
     dir: SessionDir,
-    foreground: bool,
+    /// The customer's terminal in the foreground mode, never written blocking (F24).
+    console: Option<Console>,
     auth: ssh::AuthPath,
     log: Log,
     sshlog: Log,
@@ -147,6 +159,8 @@ pub struct Daemon {
     retry_at: Option<Instant>,
     panes_retry_at: Option<Instant>,
     popup_again_at: Option<Instant>,
+    /// Status rows not sent while tmux was not keeping up; sent once it is.
+    status_behind: bool,
     /// Screen captures: one in flight, the next one wanted, when the last SNAP went out.
     snap_in_flight: bool,
     snap_at: Option<Instant>,
@@ -195,7 +209,7 @@ impl Daemon {
         Ok(Daemon {
             cfg,
             dir,
-            foreground,
+            console: foreground.then(Console::stderr),
             auth,
             log,
             sshlog,
@@ -207,6 +221,7 @@ impl Daemon {
             retry_at: None,
             panes_retry_at: None,
             popup_again_at: None,
+            status_behind: false,
             snap_in_flight: false,
             snap_at: None,
             last_snap: None,
@@ -238,8 +253,8 @@ impl Daemon {
     /// Say something to the customer: a plain line in the foreground, the status row under tmux.
     fn tell(&mut self, msg: &str) {
         self.log.line(msg);
-        if self.foreground {
-            eprintln!("linbit-tunl: {msg}");
+        if let Some(c) = &mut self.console {
+            c.line(msg);
         }
     }
 
@@ -262,7 +277,10 @@ impl Daemon {
             if self.tunnel.brb() { " | BRB" } else { "" }
         );
         self.chat_send("S1", row.as_bytes());
-        if self.tmux.is_some() {
+        if self.tmux_busy() {
+            self.status_behind = true;
+        } else if self.tmux.is_some() {
+            self.status_behind = false;
             let brb = if self.tunnel.brb() { " | BRB" } else { "" };
             let short = format!("{link} | viewers {} | tunnel {}{brb}", self.viewers, self.tunnel.state().wire());
             let f = self.tmux.as_ref().map(|t| t.features).unwrap_or_else(|| tmux::Features::from_version(None));
@@ -283,8 +301,8 @@ impl Daemon {
     }
 
     fn chat_show(&mut self, line: &str) {
-        if self.foreground {
-            eprintln!("linbit-tunl: {line}");
+        if let Some(c) = &mut self.console {
+            c.line(line);
         }
         self.chat_send("M", line.as_bytes());
     }
@@ -364,6 +382,7 @@ impl Daemon {
                     last_ping: now,
                     last_rx: now,
                     started: now,
+                    stalled_since: None,
                     stdout_eof: false,
                     stderr_eof: false,
                 });
@@ -534,8 +553,8 @@ impl Daemon {
                     self.mark(Mark::Viewers { before: self.viewers, now: n });
                 }
                 self.viewers = n;
-                if self.foreground {
-                    eprintln!("linbit-tunl: support viewers: {n}");
+                if let Some(c) = &mut self.console {
+                    c.line(&format!("support viewers: {n}"));
                 }
                 self.status_row();
             }
@@ -544,8 +563,8 @@ impl Daemon {
                 self.note = text::neutralize(&t, 200);
                 let note = self.note.clone();
                 self.chat_send("S2", note.as_bytes());
-                if self.foreground && !note.is_empty() {
-                    eprintln!("linbit-tunl: note from support: {note}");
+                if let (Some(c), false) = (&mut self.console, note.is_empty()) {
+                    c.line(&format!("note from support: {note}"));
                 }
             }
             RelayMsg::Upgrade { req, from, keys } => self.on_upgrade(req, from, keys),
@@ -628,7 +647,20 @@ impl Daemon {
         }
     }
 
+    /// Whether tmux is behind on our commands (F3): it has not read `TMUX_QUEUE_MAX` bytes of them, or
+    /// not answered `TMUX_PENDING_MAX` of them.
+    fn tmux_busy(&self) -> bool {
+        self.tmux
+            .as_ref()
+            .is_some_and(|t| t.outq.len() - t.out_off >= TMUX_QUEUE_MAX || t.pending.len() >= TMUX_PENDING_MAX)
+    }
+
     fn keys_to_shell(&mut self, bytes: &[u8]) {
+        if self.tmux_busy() {
+            // Typing is interactive: keys that cannot be delivered now are dropped, never hoarded.
+            self.sshlog.line("dropped K reason=tmux-busy");
+            return;
+        }
         let Some(t) = &self.tmux else {
             self.sshlog.line("dropped K reason=no-shared-terminal");
             return;
@@ -1290,6 +1322,10 @@ impl Daemon {
             let _ = t.p.child.kill();
             let _ = t.p.child.wait();
         }
+        if let Some(c) = &mut self.console {
+            // What the terminal has not taken by then is lost: the budget is for the keys, not for it.
+            c.flush_until(deadline.min(Instant::now() + Duration::from_secs(1)));
+        }
         end
     }
 
@@ -1412,6 +1448,9 @@ impl Daemon {
         if let Some(l) = &self.link {
             match self.state {
                 LinkState::Up => {
+                    if let Some(s) = l.stalled_since {
+                        at(s + STALL_LIMIT);
+                    }
                     at(l.last_tx + PING_AFTER);
                     at(l.last_rx.max(l.last_ping) + PING_AFTER);
                     at(l.last_rx + SILENCE_LIMIT);
@@ -1461,6 +1500,9 @@ impl Daemon {
         let Some(l) = &self.link else { return };
         match self.state {
             LinkState::Up if now >= l.last_rx + SILENCE_LIMIT => self.link_lost("no answer from the relay for 45 s"),
+            LinkState::Up if l.stalled_since.is_some_and(|s| now >= s + STALL_LIMIT) => {
+                self.link_lost("the relay took nothing from us for 45 s")
+            }
             // A PING after 15 s of not sending (the contract), and also after 15 s of hearing
             // nothing while we send a lot: a relay that only answers must get something to answer
             // before the 45 s silence limit, or a busy shell would look like a dead link.
@@ -1491,7 +1533,7 @@ impl Daemon {
         let backlog = self.link.as_ref().map(|l| l.outq.len() - l.out_off).unwrap_or(0);
         let link = self.link.as_ref();
         let tmux = self.tmux.as_ref();
-        let cands: [(Option<BorrowedFd<'_>>, Role, PollFlags); 6] = [
+        let cands: [(Option<BorrowedFd<'_>>, Role, PollFlags); 7] = [
             (
                 link.filter(|l| !l.stdout_eof).and_then(|l| l.p.stdout.as_ref()).map(|f| f.as_fd()),
                 Role::LinkOut,
@@ -1519,6 +1561,7 @@ impl Daemon {
                 PollFlags::OUT,
             ),
             (self.ctl.as_ref().map(|f| f.as_fd()), Role::Ctl, PollFlags::IN),
+            (self.console.as_ref().filter(|c| c.waiting() > 0).map(|c| c.fd()), Role::Console, PollFlags::OUT),
         ];
         for (fd, role, flags) in cands {
             if let Some(fd) = fd {
@@ -1541,7 +1584,7 @@ impl Daemon {
                 Role::Signal => self.on_signals(),
                 Role::LinkOut => self.on_link_stdout(),
                 Role::LinkErr => self.on_link_stderr(),
-                Role::LinkIn | Role::TmuxIn => {}
+                Role::LinkIn | Role::TmuxIn | Role::Console => {}
                 Role::TmuxOut => self.on_tmux_stdout(),
                 Role::Ctl => self.on_ctl(),
             }
@@ -1555,10 +1598,17 @@ impl Daemon {
     fn pump_writes(&mut self) {
         let mut broken = false;
         if let Some(l) = &mut self.link {
+            let before = l.out_off;
             if l.out_off < l.outq.len() {
                 if let Some(stdin) = &l.p.stdin {
                     broken = proc::write_some(stdin.as_fd(), &l.outq, &mut l.out_off).is_err();
                 }
+            }
+            // A relay that stopped reading shows as a queue that does not move (F3).
+            if l.out_off > before || l.out_off == l.outq.len() {
+                l.stalled_since = None;
+            } else if l.stalled_since.is_none() {
+                l.stalled_since = Some(Instant::now());
             }
             if l.out_off == l.outq.len() {
                 l.outq.clear();
@@ -1580,7 +1630,16 @@ impl Daemon {
             if t.out_off == t.outq.len() {
                 t.outq.clear();
                 t.out_off = 0;
+            } else if t.out_off > (1 << 20) {
+                t.outq.drain(..t.out_off);
+                t.out_off = 0;
             }
+        }
+        if self.status_behind && !self.tmux_busy() {
+            self.status_row();
+        }
+        if let Some(c) = &mut self.console {
+            c.flush();
         }
     }
 
@@ -1619,6 +1678,7 @@ enum Role {
     TmuxOut,
     TmuxIn,
     Ctl,
+    Console,
 }
 
 /// The chat-fifo lines for one message: `KIND B64\n`, each at most PIPE_BUF (4096) bytes, so that a

@@ -4,6 +4,7 @@ mod auth;
 mod authkeys;
 mod chat;
 mod cli;
+mod console;
 mod daemon;
 mod json;
 mod launcher;

@@ -539,3 +539,38 @@ fn retrying_after_an_unreachable_relay_gives_the_real_reason_every_time() {
     assert!(wait_no_processes(&session_dir(&id).display().to_string(), secs(5)).is_empty());
     let _ = std::fs::remove_dir_all(session_dir(&id));
 }
+
+/// Review F24: in the foreground, a terminal that takes no output (Ctrl-S, a stalled serial or IPMI
+/// console; here a stderr pipe nobody reads) never stops the loop. Support's chat floods it; the
+/// client still answers PING and, once the terminal reads again, says how many lines it could not
+/// show and goes on; SIGTERM ends it as usual.
+#[test]
+fn a_terminal_that_takes_no_output_never_stops_the_foreground_loop() {
+    let relay = relay();
+    let scratch = Scratch::new("stall");
+    let id = unique_id("stall");
+    relay.register(&id, Some(TOKEN));
+    let (mut fg, pipe) = Foreground::start_unread(&relay, &id, &["--tunnel", "--token", TOKEN], &scratch);
+    let mut conn = relay.accept(secs(30)).unwrap_or_else(|| panic!("no session at the relay: {}", fg.diag()));
+    conn.welcome(0);
+    assert!(conn.wait_verb(secs(10), "STATE").is_some(), "no STATE after WELCOME: {:?}", conn.lines());
+    // 400 chat lines of 1000 characters: several times what a pipe (or a stopped tty) holds.
+    let text = "z".repeat(1000);
+    for _ in 0..400 {
+        conn.send(&relay_double::chat_line("eng@linbit.com", &text));
+    }
+    conn.send("PING 77");
+    assert!(
+        conn.wait_for(secs(15), |l| l == "PONG 77").is_some(),
+        "the loop stopped on a terminal that takes no output:\n{}",
+        fg.ssh_log()
+    );
+    fg.read_stderr(pipe);
+    conn.send(&relay_double::chat_line("eng@linbit.com", "after-the-stall"));
+    assert!(fg.wait_stderr(secs(15), "after-the-stall"), "{}", fg.diag());
+    let err = fg.stderr_text();
+    assert!(err.contains("lines not shown"), "no word about the dropped lines:\n{err}");
+    assert!(err.contains(&format!("support (eng@linbit.com): {text}")), "nothing of the chat was shown:\n{err}");
+    fg.signal("TERM");
+    assert_eq!(fg.wait(secs(15)), Some(143), "{}", fg.diag());
+}

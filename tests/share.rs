@@ -596,6 +596,110 @@ fn a_busy_shell_still_pings_a_quiet_relay() {
     conn.send(&relay_double::k_line(b"\x03"));
 }
 
+/// Review F3: a relay that keeps talking (a PING every 10 s) but stops taking our lines is a dead
+/// link like a silent one. Once the queue towards it has not moved for the dead-link time (45 s,
+/// protocol.md section 7), the link is dropped and the normal reconnect resynchronises support.
+#[test]
+fn a_relay_that_stops_reading_is_declared_dead() {
+    let relay = relay();
+    let id = unique_id("deaf");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    conn.set_reading(false);
+    let start = std::time::Instant::now();
+    conn.send(&k_line(b"yes linbit-tunl-fills-the-link-of-a-relay-that-stopped-reading\r"));
+    let mut again = None;
+    for n in 1..=15 {
+        again = relay.accept(secs(10));
+        if again.is_some() {
+            break;
+        }
+        conn.send(&format!("PING {n}"));
+    }
+    let took = start.elapsed();
+    let mut again = again.unwrap_or_else(|| panic!("a relay that stopped reading was never given up:\n{}", c.diag()));
+    assert!(took >= std::time::Duration::from_secs(40), "given up after {took:?}, before the dead-link time");
+    assert_eq!(again.hello_field("resume"), Some("1"));
+    assert!(c.ssh_log().contains("link lost: the relay took nothing"), "{}", c.ssh_log());
+    again.welcome(1);
+    again.send(&k_line(b"\x03"));
+    again.send(&k_line(b"echo AFTER-$((6*7))-STALL\r"));
+    assert!(again.wait_output(secs(30), |o| contains(o, b"AFTER-42-STALL")), "{}", c.diag());
+    drop(conn);
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(30)), Some(0), "{}", c.diag());
+}
+
+/// The tmux control client of the session (`tmux -C attach-session`), a child of the daemon.
+fn control_client(c: &Customer) -> Option<u32> {
+    let daemon = c.daemon_pid()? as u32;
+    let rd = std::fs::read_dir("/proc").ok()?;
+    rd.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let ppid: u32 = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
+        let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).replace('\0', " ");
+        (ppid == daemon && cmd.contains(" -C ")).then_some(pid)
+    })
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
+fn vm_kib(pid: i32, what: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(what)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends SIGCONT to a stopped process when dropped, whatever the test's outcome.
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+/// Review F3: the queue of commands for tmux is bounded. With the control client stopped (a tmux
+/// that reads nothing), support's keystrokes beyond the bound are dropped and logged, not queued:
+/// 16 MB of keystrokes (some 48 MB of send-keys commands) cost the daemon a few MiB at most, and the
+/// session works again once tmux reads.
+#[test]
+fn a_tmux_that_reads_nothing_costs_bounded_memory() {
+    let relay = relay();
+    let id = unique_id("tmuxq");
+    let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
+    conn.send(&k_line(b"cat > /dev/null\r"));
+    assert!(conn.wait_output(secs(10), |o| contains(o, b"cat > /dev/null")), "{}", c.diag());
+    let daemon = c.daemon_pid().expect("daemon.pid");
+    let ctl = control_client(&c).unwrap_or_else(|| panic!("no tmux control client below the daemon"));
+    let st = std::process::Command::new("kill").args(["-STOP", &ctl.to_string()]).status().unwrap();
+    assert!(st.success());
+    let stopped = Stopped(ctl);
+    let before = vm_kib(daemon, "VmRSS");
+    // Lines of 99 keys and a carriage return, for cat; 160000 keys a K line, 100 lines.
+    let keys: Vec<u8> = (0..1600).flat_map(|_| b"x".repeat(99).into_iter().chain([b'\r'])).collect();
+    for _ in 0..100 {
+        conn.send(&k_line(&keys));
+    }
+    sync(&mut conn, 41);
+    let peak = vm_kib(daemon, "VmHWM");
+    assert!(
+        peak < before + 16 * 1024,
+        "the daemon grew from {before} KiB to a peak of {peak} KiB for a tmux that reads nothing"
+    );
+    assert!(c.ssh_log().contains("dropped K reason=tmux-busy"), "{}", c.ssh_log());
+    drop(stopped);
+    // Keys that come while tmux still works through the queue are dropped too: ask until it types.
+    let recovered = (0..12).any(|_| {
+        conn.send(&k_line(b"\x03"));
+        conn.send(&k_line(b"echo RECOVERED-$((6*7))\r"));
+        conn.wait_output(secs(5), |o| contains(o, b"RECOVERED-42"))
+    });
+    assert!(recovered, "{}", c.diag());
+    c.keys(&["C-b", "Q"]);
+    assert_eq!(c.wait_status(secs(30)), Some(0), "{}", c.diag());
+}
+
 /// The session as the customer sees it, for the README's compatibility table (`cargo test --test
 /// share screen_for_the_readme -- --ignored --nocapture`, with TUNL_TEST_CLIENT_PATH for an old tmux).
 #[test]

@@ -144,6 +144,19 @@ impl Foreground {
         scratch: &Scratch,
         input: Option<&[u8]>,
     ) -> Foreground {
+        let (fg, pipe) = Foreground::spawn(relay, id, args, env, scratch, input);
+        fg.read_stderr(pipe);
+        fg
+    }
+
+    fn spawn(
+        relay: &Relay,
+        id: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        scratch: &Scratch,
+        input: Option<&[u8]>,
+    ) -> (Foreground, std::process::ChildStderr) {
         let mut c = Command::new(BIN);
         c.args(args).arg(id).env_clear();
         c.env("PATH", path_without_tmux(scratch)).env("USER", relay.user()).env("HOME", scratch.path());
@@ -163,9 +176,24 @@ impl Foreground {
         if let (Some(bytes), Some(mut pipe)) = (input, child.stdin.take()) {
             std::io::Write::write_all(&mut pipe, bytes).unwrap();
         }
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        (Foreground { child, stderr: Arc::new(Mutex::new(Vec::new())), id: id.to_string() }, pipe)
+    }
+
+    /// As `start`, but nobody reads the client's stderr (a terminal that takes no output, F24)
+    /// until `read_stderr` is given the pipe returned here.
+    pub fn start_unread(
+        relay: &Relay,
+        id: &str,
+        args: &[&str],
+        scratch: &Scratch,
+    ) -> (Foreground, std::process::ChildStderr) {
+        Foreground::spawn(relay, id, args, &[], scratch, None)
+    }
+
+    /// Collect the client's stderr from `pipe` from now on.
+    pub fn read_stderr(&self, mut pipe: std::process::ChildStderr) {
+        let sink = self.stderr.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut buf) {
@@ -175,7 +203,6 @@ impl Foreground {
                 sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Foreground { child, stderr, id: id.to_string() }
     }
 
     pub fn stderr_text(&self) -> String {

@@ -78,6 +78,7 @@ pub struct Conn {
     output: Arc<Mutex<Vec<u8>>>,
     bad_output: Arc<AtomicBool>,
     auto_pong: Arc<AtomicBool>,
+    reading: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
 }
@@ -108,6 +109,7 @@ impl Conn {
         let output = Arc::<Mutex<Vec<u8>>>::default();
         let bad_output = Arc::new(AtomicBool::new(false));
         let auto_pong = Arc::new(AtomicBool::new(true));
+        let reading = Arc::new(AtomicBool::new(true));
         let closed = Arc::new(AtomicBool::new(false));
         let st = ReaderState {
             writer: writer.clone(),
@@ -116,10 +118,23 @@ impl Conn {
             output: output.clone(),
             bad_output: bad_output.clone(),
             auto_pong: auto_pong.clone(),
+            reading: reading.clone(),
             closed: closed.clone(),
         };
         let reader = std::thread::Builder::new().name("tunl-conn".into()).spawn(move || st.run(reader))?;
-        Ok(Conn { hello, fields, writer, rx, log, output, bad_output, auto_pong, closed, reader: Some(reader) })
+        Ok(Conn {
+            hello,
+            fields,
+            writer,
+            rx,
+            log,
+            output,
+            bad_output,
+            auto_pong,
+            reading,
+            closed,
+            reader: Some(reader),
+        })
     }
 
     /// The SSH command string as the client sent it (`linbit-tunl/1 id=... ...`).
@@ -232,6 +247,13 @@ impl Conn {
         self.auto_pong.store(on, Ordering::SeqCst);
     }
 
+    /// Stops (false) or resumes (true) reading from the client: a relay that still sends (PING, K)
+    /// but takes nothing, so the client's lines back up in ssh and in its own queue. Lines already
+    /// read stay readable; while stopped, PING gets no automatic PONG.
+    pub fn set_reading(&self, on: bool) {
+        self.reading.store(on, Ordering::SeqCst);
+    }
+
     /// Closes the socket: the shim exits and the client's ssh session ends (a dropped link).
     pub fn drop_link(self) {
         drop(self)
@@ -243,6 +265,8 @@ impl Drop for Conn {
         if let Ok(w) = self.writer.lock() {
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
+        // A reader told to stop reading must see the shutdown to end.
+        self.reading.store(true, Ordering::SeqCst);
         if let Some(t) = self.reader.take() {
             let _ = t.join();
         }
@@ -256,6 +280,7 @@ struct ReaderState {
     output: Arc<Mutex<Vec<u8>>>,
     bad_output: Arc<AtomicBool>,
     auto_pong: Arc<AtomicBool>,
+    reading: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
 }
 
@@ -263,6 +288,10 @@ impl ReaderState {
     fn run(self, mut reader: BufReader<UnixStream>) {
         let mut buf = Vec::new();
         loop {
+            // Lines already buffered are still taken; nothing more is read from the socket.
+            while !self.reading.load(Ordering::SeqCst) && reader.buffer().is_empty() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             buf.clear();
             match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf) {
                 Ok(0) | Err(_) => break,

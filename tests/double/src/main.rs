@@ -258,6 +258,11 @@ fn serve(args: &[String]) -> Result<(), String> {
                     "viewers" => format!("VIEWERS {}", rest.trim()),
                     "close" => close_line(if rest.is_empty() { "support closed the session" } else { rest }),
                     "raw" => rest.to_string(),
+                    // A relay that keeps talking but stops taking the client's lines (review F3).
+                    "stop-reading" | "read" => {
+                        conn.set_reading(word == "read");
+                        continue;
+                    }
                     "quit" => return Ok(()),
                     "" => continue,
                     _ => {
