@@ -129,7 +129,8 @@ Environment:
   TUNL_RELAY_CA_PUBKEY  override the embedded relay CA public key (testing)
   TUNL_COMPRESS         SSH compression, 1 or 0 (default 1)
   TUNL_PREFIX           tmux prefix key for the session (default C-b)
-  TUNL_RECORDING_DIR    write the session recording here instead of the default locations
+  TUNL_RECORDING_DIR    write the session recording (NAME.cast) and its chat transcript
+                        (NAME.chat.txt) here instead of the default locations
   TUNL_STATE_DIR        record of the authorized_keys files used (default /var/lib/linbit-tunl)
   SSL_CERT_FILE         extra PEM roots trusted for TUNL_API
 

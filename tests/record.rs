@@ -358,3 +358,107 @@ fn a_full_disk_stops_the_record_tells_the_customer_once_and_the_session_goes_on(
     assert!(lines[1].ends_with(" support (eng): before the disk filled"), "{transcript}");
     drop(c);
 }
+
+/// The markers of a recording, in order.
+fn markers_of(rec: &Path) -> Vec<String> {
+    let (_, events) = read_cast(rec);
+    events.into_iter().filter(|e| e.kind == "m").map(|e| e.data).collect()
+}
+
+/// The answers that need no popup (blocked, a pre-grant, BRB), support's revoke, and an end by
+/// signal, as the recording tells them.
+#[test]
+fn answers_without_a_popup_support_s_revoke_and_a_signal_are_recorded() {
+    let relay = Relay::start(RelayOpts::default()).expect("test relay");
+    let bed = Scratch::new("recans");
+    let ak = bed.path().join("authorized_keys");
+    let target = TargetSshd::start(&ak).expect("target sshd");
+    let keydir = bed.path().join("support");
+    std::fs::create_dir_all(&keydir).unwrap();
+    let key = SupportKey::generate(&keydir).expect("support key");
+    let keys = format!("{}\n", key.public_line);
+    let target_arg = format!("127.0.0.1:{}", target.port);
+    let id = unique_id("recans");
+    let ak_env = ak.display().to_string();
+    let (c, mut conn) =
+        Customer::connect(&relay, &id, &["--target", &target_arg], &[("TUNL_AUTHKEYS_FILE", ak_env.as_str())]);
+
+    c.keys(&["C-b", "X"]);
+    assert!(wait_state(&mut conn, "tunnel=blocked"), "{:?}\n{}", conn.lines(), c.diag());
+    conn.send(&upgrade_line("b1", "eng", &keys));
+    assert_eq!(answer_to(&mut conn, "b1").as_deref().and_then(|a| line_field(a, "reason")), Some("blocked"));
+    c.keys(&["C-b", "u"]);
+    assert!(wait_state(&mut conn, "tunnel=confirm"), "{:?}", conn.lines());
+    c.keys(&["C-b", "u"]);
+    assert!(wait_state(&mut conn, "tunnel=allowed"), "{:?}", conn.lines());
+    conn.send(&upgrade_line("b2", "eng", &keys));
+    let open = answer_to(&mut conn, "b2").unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), c.diag()));
+    let port: u16 = line_field(&open, "port").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{open}"));
+    conn.send("REVOKE");
+    let closed = conn.wait_verb(secs(20), "TUNNEL_CLOSED").unwrap_or_else(|| panic!("{:?}", conn.lines()));
+    assert_eq!(line_field(&closed, "reason"), Some("relay"), "{closed}");
+    // Support being done does not undo the customer's pre-grant.
+    assert!(wait_state(&mut conn, "tunnel=allowed"), "{:?}", conn.lines());
+    c.keys(&["C-b", "c"]);
+    assert!(poll_until(secs(15), || c.focus() == "chat"), "{}", c.diag());
+    c.type_line("/brb");
+    assert!(wait_state(&mut conn, "brb=1"), "{:?}", conn.lines());
+    conn.send(&upgrade_line("b3", "eng", &keys));
+    assert_eq!(answer_to(&mut conn, "b3").as_deref().and_then(|a| line_field(a, "reason")), Some("brb"));
+    let pid = c.daemon_pid().expect("daemon.pid");
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    assert_eq!(c.wait_status(secs(30)), Some(143), "{}", c.diag());
+
+    let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
+    let request = |req: &str| format!("tunnel request {req} from eng: log in as root on {target_arg}; keys: ");
+    let got = markers_of(&rec);
+    let mut it = got.iter();
+    for want in [
+        "relay connected (viewers: 1)".to_string(),
+        "tunnel block by the customer: requests are now blocked".into(),
+        request("b1"),
+        "tunnel request b1 from eng: blocked".into(),
+        "tunnel grant by the customer: requests are now asked for one by one".into(),
+        "tunnel grant by the customer: requests are now granted without asking".into(),
+        request("b2"),
+        format!("tunnel forward open on relay port {port}"),
+        format!("tunnel request b2 from eng: granted, relay port {port}"),
+        "support keys removed from authorized_keys".into(),
+        "tunnel closed: revoked by support".into(),
+        "BRB on: support keystrokes paused".into(),
+        request("b3"),
+        "tunnel request b3 from eng: brb".into(),
+        "session end: SIGTERM".into(),
+    ] {
+        assert!(it.any(|m| m.starts_with(&want)), "no {want:?} (in order) among {got:#?}");
+    }
+    assert_eq!(got.last().map(String::as_str), Some("session end: SIGTERM"), "{got:#?}");
+}
+
+/// Watch-only: a request is refused `restricted` before anyone is asked, and recorded all the
+/// same; support's CLOSE ends the session with its reason in the last marker.
+#[test]
+fn a_restricted_refusal_and_support_s_close_are_recorded() {
+    let relay = Relay::start(RelayOpts::default()).expect("test relay");
+    let id = unique_id("recrestr");
+    let (c, mut conn) = Customer::connect(&relay, &id, &["--restricted"], &[]);
+    let keydir = c.scratch.path().join("support");
+    std::fs::create_dir_all(&keydir).unwrap();
+    let key = SupportKey::generate(&keydir).expect("support key");
+    let fp = fingerprint(&key.private_path.with_extension("pub"));
+    conn.send(&upgrade_line("x1", "eng\u{202e}moc", &format!("{}\n", key.public_line)));
+    assert_eq!(answer_to(&mut conn, "x1").as_deref().and_then(|a| line_field(a, "reason")), Some("restricted"));
+    conn.send(&relay_double::close_line("all done, thanks\x1b[2J"));
+    assert_eq!(c.wait_status(secs(30)), Some(0), "{}", c.diag());
+
+    let rec = c.recording_path().unwrap_or_else(|| panic!("no recording path printed:\n{}", c.history()));
+    assert_eq!(
+        markers_of(&rec),
+        [
+            "relay connected (viewers: 1)".to_string(),
+            format!("tunnel request x1 from eng\u{FFFD}moc: log in as root on localhost:22; keys: {fp}"),
+            "tunnel request x1 from eng\u{FFFD}moc: restricted".into(),
+            "session end: support ended it (all done, thanks^[[2J)".into(),
+        ]
+    );
+}
