@@ -389,7 +389,7 @@ pub fn tls_config(cert: &Path, key: &Path) -> io::Result<Arc<ServerConfig>> {
 
 /// Reads until the blank line that ends the head (at most [`MAX_HEAD`]); returns head and the
 /// body bytes read with it.
-fn read_request(tls: &mut impl Read, deadline: Instant) -> Result<(Head, Vec<u8>), Reply> {
+pub fn read_request(tls: &mut impl Read, deadline: Instant) -> Result<(Head, Vec<u8>), Reply> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
     let (head, mut body) = loop {
