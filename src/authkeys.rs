@@ -1352,9 +1352,60 @@ mod props {
             prop_assert!(bare_eq, "{:?} -> {:?}", String::from_utf8_lossy(&mixed), String::from_utf8_lossy(&out));
         }
 
+        /// What the fuzz target `authkeys` checks on any file (ours mixed into theirs, blocks
+        /// damaged): removing a session leaves none of its keys or markers, drops nothing else but
+        /// key lines we could have written inside its block, and a second removal changes nothing.
+        #[test]
+        fn removal_drops_only_ours(
+            parts in prop::collection::vec(prop_oneof![
+                3 => customer_file(),
+                1 => Just(format!("{BEGIN}{ID}\n").into_bytes()),
+                1 => Just(format!("{END}{ID}\r\n").into_bytes()),
+                1 => (any::<[u8; 32]>(), any::<bool>()).prop_map(|(s, opt)| {
+                    let k = key(s, "x");
+                    if opt { format!("from=\"127.0.0.1,::1\",expiry-time=\"20261126Z\" {k}\n") } else { format!("{k}\n") }
+                        .into_bytes()
+                }),
+            ], 0..8),
+            seed in any::<[u8; 32]>(),
+        ) {
+            let mut file: Vec<u8> = Vec::new();
+            for p in parts {
+                if !file.is_empty() && !file.ends_with(b"\n") {
+                    file.push(b'\n');
+                }
+                file.extend(p);
+            }
+            let keys = vec![key(seed, "eng@linbit.com")];
+            let out = remove_session(&file, ID, &keys);
+            prop_assert!(lines_left(&out, &keys).is_empty());
+            prop_assert!(!lines(&out).iter().any(|l| marker(l, BEGIN) == Some(ID) || marker(l, END) == Some(ID)));
+            prop_assert_eq!(&remove_session(&out, ID, &keys), &out);
+            let has_block = lines(&file).iter().any(|l| marker(l, BEGIN) == Some(ID));
+            let (ins, outs) = (lines(&file), lines(&out));
+            let mut j = 0;
+            for l in &ins {
+                let kept = j < outs.len()
+                    && (outs[j] == *l || (j + 1 == outs.len() && l.strip_suffix(b"\n") == Some(outs[j])));
+                if kept {
+                    j += 1;
+                } else {
+                    let ours = marker(l, BEGIN) == Some(ID)
+                        || marker(l, END) == Some(ID)
+                        || carries_one_of(l, &keys)
+                        || (has_block && std::str::from_utf8(bare(l)).is_ok_and(|s| our_key_part(s).is_some()));
+                    prop_assert!(ours, "dropped {:?} of {:?}", String::from_utf8_lossy(l), String::from_utf8_lossy(&file));
+                }
+            }
+            prop_assert_eq!(j, outs.len());
+        }
+
         #[test]
         fn validate_keys_never_panics(text in prop::collection::vec(any::<u8>(), 0..300)) {
-            let _ = validate_keys(&text);
+            if let Ok(keys) = validate_keys(&text) {
+                // Normalised once, normalised for good.
+                prop_assert_eq!(validate_keys(keys.join("\n").as_bytes()), Ok(keys));
+            }
         }
     }
 }

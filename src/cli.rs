@@ -769,7 +769,101 @@ mod props {
         assert_eq!(pct_decode("%7e%7E"), Some("~~".into()));
     }
 
+    fn arg() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "swift-fox-jumps-barrel",
+                "--case",
+                "--token",
+                "--token=-",
+                "--user",
+                "--target",
+                "--restricted",
+                "--tunnel",
+                "--attach",
+                "--debug",
+                "-h",
+                "--version",
+                "-x",
+                "--",
+                "-",
+                "123456",
+                "root",
+                "[::1]:22",
+                "localhost:0",
+                "Case 4711",
+            ])
+            .prop_map(String::from),
+            "(?s).{0,12}",
+            "[a-z]{1,5}(-[a-z]{1,5}){3}",
+        ]
+    }
+
+    fn env_entry() -> impl Strategy<Value = (String, String)> {
+        let key = prop::sample::select(vec![
+            "USER",
+            "LOGNAME",
+            "HOME",
+            "TMUX",
+            EFFECTIVE_USER,
+            "TUNL_TOKEN",
+            "TUNL_RELAY",
+            "TUNL_RELAY_PORT",
+            "TUNL_USER",
+            "TUNL_API",
+            "TUNL_AUTHKEYS_FILE",
+            "TUNL_TARGET_HOST",
+            "TUNL_TARGET_PORT",
+            "TUNL_RELAY_CA_PUBKEY",
+            "TUNL_COMPRESS",
+            "TUNL_PREFIX",
+            "TUNL_RECORDING_DIR",
+        ]);
+        let value = prop_oneof![
+            prop::sample::select(vec![
+                "root",
+                "",
+                "/root",
+                "123456",
+                "https://relay.example/",
+                "http://x",
+                "0",
+                "1",
+                "65536",
+                "/tmp/linbit-tunl-0123456789ab/tmux.sock,1,0",
+                "relay.example",
+                "::1",
+                "/etc/ak",
+            ])
+            .prop_map(String::from),
+            "(?s).{0,16}",
+        ];
+        (key, value).prop_map(|(k, v)| (k.to_string(), v))
+    }
+
     proptest! {
+        /// What the fuzz target `cli_env` checks: a refusal is one line without control characters;
+        /// an accepted configuration holds only valid values and survives daemon.conf unchanged.
+        #[test]
+        fn command_lines_are_refused_in_one_line_or_survive_daemon_conf(
+            args in prop::collection::vec(arg(), 0..6),
+            env in prop::collection::vec(env_entry(), 0..6),
+        ) {
+            match parse(args.iter().map(OsString::from), &env) {
+                Ok(Action::Run(c)) => {
+                    prop_assert!(valid_session_id(&c.session_id) && c.token.as_deref().is_none_or(valid_token));
+                    prop_assert!(c.case.len() <= MAX_CASE_LEN && !c.case.chars().any(char::is_control));
+                    prop_assert!(c.api.starts_with("https://") && !c.api.ends_with('/'));
+                    prop_assert!(c.authkeys_file.is_absolute() && c.attach == c.tmux_socket.is_some());
+                    let mut want = (*c).clone();
+                    want.ask_token = false;
+                    prop_assert_eq!(Config::from_conf(&c.to_conf()), Ok(want));
+                }
+                Ok(_) => {}
+                Err(e) => prop_assert!(!e.0.is_empty() && !e.0.chars().any(char::is_control), "{:?}", e),
+            }
+        }
+
         #[test]
         fn pct_roundtrip(s in ".{0,40}") {
             prop_assert_eq!(pct_decode(&pct_encode(&s)), Some(s));
