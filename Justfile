@@ -229,7 +229,7 @@ compat *VERSIONS: compat-setup
     scripts/compat.sh {{VERSIONS}}
 
 # Fuzz one parser for SECONDS (nightly, cargo-fuzz): relay_line, tmux_control, json_object,
-# chat_editor or wire_line. Seeds from the unit tests are in fuzz/seeds/TARGET; what the fuzzer
+# chat_editor, wire_line, authkeys, cli_env, relay_input or relay_api. Seeds from the unit tests are in fuzz/seeds/TARGET; what the fuzzer
 # finds new goes to fuzz/corpus/TARGET, a crash to fuzz/artifacts/TARGET (see README, Fuzzing).
 fuzz TARGET SECONDS="60":
     #!/usr/bin/env bash
