@@ -339,3 +339,55 @@ mod tests {
         );
     }
 }
+
+/// Whatever bytes the relay sends as a name, a chat line, a note or a request ID, the label and the
+/// transcript line are one line of inert text, and the label survives the trip through the file's
+/// JSON unchanged.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn inert(s: &str) -> bool {
+        !s.chars().any(|c| {
+            c.is_control()
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{061c}' | '\u{2028}' | '\u{2029}' | '\u{feff}')
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_relay_text_makes_one_inert_line(
+            from in any::<String>(),
+            text in prop::collection::vec(any::<u8>(), 0..300),
+            note in prop::collection::vec(any::<u8>(), 0..300),
+            secs in any::<u32>(),
+        ) {
+            let keys = [from.clone()];
+            for m in [
+                Mark::Chat { who: Who::Support(&from), text: &text },
+                Mark::Chat { who: Who::Customer { delivered: true }, text: &text },
+                Mark::Note(&note),
+                Mark::Request { req: &from, from: &from, user: "root", target: "localhost:22", keys: &keys },
+                Mark::Answer { req: &from, from: &from, answer: Answer::Rejected(RejectReason::Denied) },
+                Mark::Disconnected { why: &from },
+            ] {
+                let l = label(&m);
+                prop_assert!(inert(&l), "{:?}", l);
+                let event = format!("[0.5, \"m\", {}]", crate::recording::json_str(&l));
+                let parsed = relay_double::json::parse_json(&event);
+                prop_assert_eq!(parsed, Some(relay_double::json::J::Arr(vec![
+                    relay_double::json::J::Num(0.5),
+                    relay_double::json::J::Str("m".into()),
+                    relay_double::json::J::Str(l.clone()),
+                ])));
+                if let Some(t) = transcript_line(u64::from(secs), &m) {
+                    let body = t.strip_suffix('\n');
+                    prop_assert!(body.is_some_and(inert), "{:?}", t);
+                }
+            }
+        }
+    }
+}
