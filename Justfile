@@ -217,7 +217,7 @@ compat-setup:
     done
     if [ ${#need[@]} -gt 0 ]; then
         sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
+        $sudo apt-get update -qq || echo "compat-setup: apt-get update reported errors; installing from the indexes that loaded" >&2
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
     fi
 

@@ -86,9 +86,23 @@ pub fn send_ctl(dir: &Path, line: &str) -> Result<(), String> {
     }
 }
 
+/// `answer N typed` (the Grant prompt, `ui::typed_answer_command`) becomes `answer N grant` only
+/// when tmux's `LINBIT_ANSWER_N` holds exactly the grant word; anything else, or nothing, denies.
+fn resolve_typed(words: &[String], typed: Option<&str>) -> Vec<String> {
+    match words {
+        [a, n, t] if a == "answer" && t == "typed" => {
+            let verdict = if typed == Some(crate::ui::GRANT_WORD) { "grant" } else { "deny" };
+            vec![a.clone(), n.clone(), verdict.to_string()]
+        }
+        _ => words.to_vec(),
+    }
+}
+
 /// The `__ctl` role.
 pub fn ctl(dir: &Path, words: &[String]) -> i32 {
-    match ctl_line(words).and_then(|l| send_ctl(dir, &l)) {
+    let typed = words.get(1).and_then(|n| std::env::var(format!("LINBIT_ANSWER_{n}")).ok());
+    let words = resolve_typed(words, typed.as_deref());
+    match ctl_line(&words).and_then(|l| send_ctl(dir, &l)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("linbit-tunl: {e}");
@@ -449,6 +463,18 @@ mod tests {
         assert_eq!(parse_chat_line(b"S1 "), Some(ChatLine::Status1(String::new())));
         assert_eq!(parse_chat_line(b"S2 !!"), None);
         assert_eq!(parse_chat_line(b"X aGk="), None);
+    }
+
+    #[test]
+    fn only_the_typed_word_grants() {
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let typed = w(&["answer", "7", "typed"]);
+        assert_eq!(resolve_typed(&typed, Some("GRANT")), w(&["answer", "7", "grant"]));
+        for other in [None, Some(""), Some("grant"), Some("GRANT "), Some(" GRANT"), Some("yes"), Some("GRANTGRANT")] {
+            assert_eq!(resolve_typed(&typed, other), w(&["answer", "7", "deny"]), "{other:?}");
+        }
+        assert_eq!(resolve_typed(&w(&["quit"]), Some("GRANT")), w(&["quit"]));
+        assert_eq!(resolve_typed(&w(&["answer", "7", "grant"]), None), w(&["answer", "7", "grant"]));
     }
 
     #[test]

@@ -982,7 +982,7 @@ impl Daemon {
         for line in ui::ask_lines(&ask, width) {
             self.chat_show(&format!("  {line}"));
         }
-        self.chat_show(&format!("  answer in the popup: Deny, or Grant and type {}", ui::GRANT_WORD));
+        self.chat_show(&format!("  {}", ui::answer_hint(&features)));
         let cmd = self.popup_command(&ask, &features);
         self.show_popup(req, cmd, false);
     }

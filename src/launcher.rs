@@ -478,6 +478,11 @@ fn run_tmux(mut cfg: Config, dir: SessionDir, log: &mut Log) -> u8 {
     if let Err(e) = sessiondir::write_private(&dir.file("tmux.conf"), conf.as_bytes(), 0o600) {
         return fail(&e);
     }
+    for (name, text) in ui::menu_files(&exe, &dir.path, &features) {
+        if let Err(e) = sessiondir::write_private(&dir.file(&name), text.as_bytes(), 0o600) {
+            return fail(&e);
+        }
+    }
     let mut dconf = std::fs::read_to_string(dir.file("daemon.conf")).unwrap_or_default();
     dconf.push_str(&format!("tmux_session={}\n", crate::cli::pct_encode(&session)));
     dconf.push_str(&format!("prefix_checked={}\n", crate::cli::pct_encode(&cfg.prefix)));

@@ -355,8 +355,13 @@ pub enum Feat {
     ControlWithoutSize,
     /// `command-prompt -1` (one key).
     PromptOneKey,
+    /// `%%%` in a `command-prompt` template: the answer with `"`, `\`, `$` escaped, `;` kept.
+    PromptQuoteEscape,
     /// `default-size` and `window-size` options, `resize-window`.
     DefaultSize,
+    /// A status line too long for the terminal is cut (before: left and right that do not fit
+    /// together blank the whole line).
+    StatusCut,
     /// The yacc command parser (`\ooo`, `{ }`, `%if`), and `'` inside `"..."` unchanged.
     NewParser,
     /// `send-keys -H` (keys as hex bytes, exact).
@@ -390,7 +395,9 @@ pub const TABLE: &[(Feat, (u32, u32), &str)] = &[
     (Feat::ControlWithoutSize, (2, 6), "control clients do not size windows (2.6 CHANGES)"),
     (Feat::OptionFormats, (2, 7), "#{@option} in formats (1.8's format_find has no options; 2.7 has)"),
     (Feat::PromptOneKey, (2, 7), "command-prompt -1 (not in 1.8; in 2.7)"),
+    (Feat::PromptQuoteEscape, (2, 7), "%%% in prompt templates (not in 1.8's cmd_template_replace; in 2.7's)"),
     (Feat::DefaultSize, (2, 9), "default-size, window-size (2.9 CHANGES)"),
+    (Feat::StatusCut, (2, 9), "status line drawn by format_draw, cut to fit (2.9 CHANGES; 2.7's status.c blanks it)"),
     (Feat::NewParser, (3, 0), "yacc command parser (3.0 CHANGES)"),
     (Feat::SendKeysHex, (3, 0), "send-keys -H (3.0 CHANGES)"),
     (Feat::Menu, (3, 0), "display-menu (3.0 CHANGES)"),

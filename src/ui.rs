@@ -117,6 +117,9 @@ const MENU: [(&str, &str); 6] = [
     ("End session for good", "Q"),
 ];
 
+/// The menu in one line of at most 80 columns, for tmux without `display-menu` (before 3.0).
+const MENU_SHORT: &str = "c chat | L layout | u grant | U revoke | X block | Q end";
+
 const TOGGLE_FOCUS: &str = "select-pane -t :.+";
 
 /// The `other-pane-height` that gives the chat pane `CHAT_HEIGHT` rows: before 3.0 main-horizontal
@@ -169,14 +172,30 @@ pub fn menu_command(exe: &Path, dir: &Path, f: &Features) -> String {
         }
         s
     } else if f.key_tables {
-        let keys: Vec<String> = MENU.iter().map(|(l, k)| format!("{k}={l}")).collect();
         format!(
             "switch-client -T linbit-menu ; display-message {}",
-            quote(&fmt_escape(&format!("linbit-tunl menu, press a key: {}", keys.join(", "))))
+            quote(&fmt_escape(&format!("linbit-tunl menu, press a key: {MENU_SHORT}")))
         )
     } else {
-        format!("display-message {}", quote(&fmt_escape(&cheat_sheet_line("C-b"))))
+        // tmux 1.8: no menu, no key table for a one-shot key. A prompt takes the key, and the answer
+        // only names one of our own files (`menu_files`): whatever else is typed names no file and
+        // does nothing, so no typed text is ever run. (No comma: it would start a second prompt.)
+        let file = quote(&dir.join("menu-").to_string_lossy());
+        format!(
+            "command-prompt -p {} {}",
+            quote(&format!("menu: {MENU_SHORT}; key and Enter:")),
+            quote(&format!("source-file {file}%%'.conf'"))
+        )
     }
+}
+
+/// The files the tmux 1.8 menu prompt sources (`menu_command`): (file name in the session
+/// directory, its content), one per menu key. Empty where tmux has a real menu or key tables.
+pub fn menu_files(exe: &Path, dir: &Path, f: &Features) -> Vec<(String, String)> {
+    if f.menu || f.key_tables {
+        return Vec::new();
+    }
+    MENU.iter().map(|(_, key)| (format!("menu-{key}.conf"), format!("{}\n", action(key, exe, dir, f)))).collect()
 }
 
 /// The cheat sheet as lines of plain text, rendering the active prefix.
@@ -207,7 +226,8 @@ pub fn cheat_sheet(prefix: &str) -> Vec<String> {
 
 fn cheat_sheet_line(prefix: &str) -> String {
     let p = display_key(prefix);
-    format!("{p} Q end | {p} c chat/shell | {p} u grant | {p} U revoke | {p} X block | {p} L layout | F1 menu")
+    // One status line of at most 80 columns (F1).
+    format!("{p} then: Q end | c chat/shell | u grant | U revoke | X block | L layout | z zoom")
 }
 
 /// The command that shows the cheat sheet.
@@ -225,7 +245,7 @@ pub fn cheat_sheet_command(prefix: &str, f: &Features) -> String {
 }
 
 /// The right side of our status line. `#{@linbit-status}` is set by the daemon; tmux before 2.7
-/// cannot read options in formats, so there the daemon rewrites the whole line with `status` in it.
+/// cannot read options in formats, so there the daemon rewrites the line with `status` in it.
 fn status_right(prefix: &str, status: Option<&str>, f: &Features) -> String {
     // The whole line fits 80 columns (F1); the prefix is on the pane labels where tmux draws them.
     let right = if f.pane_border_status {
@@ -240,12 +260,44 @@ fn status_right(prefix: &str, status: Option<&str>, f: &Features) -> String {
     }
 }
 
+/// The left side: the session ID and, beyond share mode, the mode.
+fn status_left(cfg: &Config) -> String {
+    let mode = match cfg.mode {
+        Mode::Share => return format!(" {} ", cfg.session_id),
+        Mode::Restricted => "watch-only",
+        Mode::Tunnel => "tunnel",
+    };
+    format!(" {} [{mode}] ", cfg.session_id)
+}
+
+/// The status line as (status-left, status-right). Before 2.9 tmux blanks the whole line when the
+/// two sides do not fit the terminal together: there everything is on the left, in the order that
+/// matters (the session, its state, F1), and `STATUS_OLD_WIDTH` cuts it instead.
+fn status_sides(cfg: &Config, status: Option<&str>, f: &Features) -> (String, String) {
+    let right = status_right(&cfg.prefix, status, f);
+    if f.has(Feat::StatusCut) {
+        return (fmt_escape(&status_left(cfg)), right);
+    }
+    let left = fmt_escape(status_left(cfg).trim_end());
+    let right = right.trim_end();
+    if right.starts_with(" | ") || right.is_empty() {
+        (format!("{left}{right}"), String::new())
+    } else {
+        (format!("{left} | {right}"), String::new())
+    }
+}
+
+/// status-left-length before 2.9: an 80-column terminal shows the line whole (one column spare).
+const STATUS_OLD_WIDTH: usize = SCREEN_COLS - 2;
+
 /// The daemon's commands that publish `status` (fixed words and numbers) in `@linbit-status` and,
 /// on our own server with a tmux before 2.7, in the status line itself.
 pub fn status_commands(f: &Features, cfg: &Config, status: &str) -> Vec<String> {
     let mut cmds = vec![format!("set-option -g @linbit-status {}", quote(status))];
     if !f.has(Feat::OptionFormats) && !cfg.attach {
-        cmds.push(format!("set-option -g status-right {}", quote(&status_right(&cfg.prefix, Some(status), f))));
+        let (left, right) = status_sides(cfg, Some(status), f);
+        cmds.push(format!("set-option -g status-left {}", quote(&left)));
+        cmds.push(format!("set-option -g status-right {}", quote(&right)));
     }
     cmds
 }
@@ -279,25 +331,20 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
             // The menu and the cheat sheet are status-line messages there: long enough to read.
             line(&mut c, "set-option -g display-time 4000");
         }
-        line(&mut c, "set-option -g status-left-length 60");
+        let (left, right) = status_sides(cfg, None, f);
+        let left_len = if f.has(Feat::StatusCut) { 60 } else { STATUS_OLD_WIDTH };
+        line(&mut c, &format!("set-option -g status-left-length {left_len}"));
         line(&mut c, "set-option -g status-right-length 100");
-        let mode = match cfg.mode {
-            Mode::Share => "share",
-            Mode::Restricted => "watch-only",
-            Mode::Tunnel => "tunnel",
-        };
         // The whole line fits 80 columns (F1): the session ID, the daemon's state, where the menu is.
         // The prefix is on the pane labels where tmux draws them.
-        let left = if cfg.mode == Mode::Share {
-            format!(" {} ", cfg.session_id)
-        } else {
-            format!(" {} [{mode}] ", cfg.session_id)
-        };
-        line(&mut c, &format!("set-option -g status-left {}", quote(&fmt_escape(&left))));
-        line(&mut c, &format!("set-option -g status-right {}", quote(&status_right(prefix, None, f))));
+        line(&mut c, &format!("set-option -g status-left {}", quote(&left)));
+        line(&mut c, &format!("set-option -g status-right {}", quote(&right)));
         // The window list would only show our hidden daemon window.
         line(&mut c, "set-window-option -g window-status-format ''");
         line(&mut c, "set-window-option -g window-status-current-format ''");
+        // Before 2.9 the separators alone (one per window) would not fit beside a full-width left
+        // side, and tmux then blanks the whole line.
+        line(&mut c, "set-window-option -g window-status-separator ''");
         if let Ok(shell) = std::env::var("SHELL") {
             if !shell.is_empty() && Path::new(&shell).is_absolute() {
                 line(&mut c, &format!("set-option -g default-shell {}", quote(&shell)));
@@ -342,8 +389,9 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
     if !cfg.attach {
         bind(&mut c, "K", "kill-session");
     }
+    // `-n` (no prefix) is as old as tmux 1.8; the root key table it became is 2.1's.
+    line(&mut c, &format!("bind-key -n F1 {}", bound(&menu_command(exe, dir, f))));
     if f.key_tables {
-        line(&mut c, &format!("bind-key -n F1 {}", bound(&menu_command(exe, dir, f))));
         for (_, key) in MENU {
             line(&mut c, &format!("bind-key -T linbit-menu {} {}", quote(key), bound(&action(key, exe, dir, f))));
         }
@@ -564,7 +612,8 @@ pub fn parse_panes(body: &[Vec<u8>]) -> Panes {
 /// Commands (control-mode lines for the daemon) that rebuild the split for `L`: the existing shell pane
 /// stays, a dead chat pane is respawned, then the layout is re-applied. `shell`/`chat` are pane ids.
 pub fn reset_layout_commands(shell: u32, chat: Option<u32>, exe: &Path, dir: &Path, f: &Features) -> Vec<String> {
-    let mut cmds = Vec::new();
+    // A dead shell comes back too: before 3.0 that is the only way (no root Enter on a dead pane).
+    let mut cmds = vec![format!("respawn-pane -t %{shell}")]; // fails harmlessly if it is alive
     match chat {
         Some(id) => cmds.push(format!("respawn-pane -t %{id}")), // fails harmlessly if it is alive
         None => cmds.push(format!(
@@ -686,15 +735,12 @@ pub fn ask_lines(a: &Ask, cols: usize) -> Vec<String> {
 /// rendering can be adapted per tmux version without touching what grants.
 pub fn upgrade_prompt_command(exe: &Path, dir: &Path, a: &Ask, f: &Features) -> String {
     let n = a.n.to_string();
-    let grant = ctl_command(exe, dir, &["answer", &n, "grant"]);
     let deny = ctl_command(exe, dir, &["answer", &n, "deny"]);
-    let prompt = clip(
-        &format!("Type {GRANT_WORD} to let {} log in as {} (anything else denies): ", a.from, a.user),
-        SCREEN_COLS - 2,
-    );
-    // `%%` is what the customer typed; the comparison is tmux's, so the text never reaches a shell.
-    let check =
-        format!("if-shell -F {} {} {}", quote(&format!("#{{==:%%,{GRANT_WORD}}}")), quote(&grant), quote(&deny));
+    // A comma in a prompt starts a second prompt on every tmux: none in names the relay chose.
+    let (from, user) = (a.from.replace(',', ";"), a.user.replace(',', ";"));
+    let prompt =
+        clip(&format!("Type {GRANT_WORD} to let {from} log in as {user} (anything else denies): "), SCREEN_COLS - 2);
+    let check = typed_answer_command(exe, dir, a.n, f);
     let confirm = format!("command-prompt -p {} {}", quote(&fmt_escape(&prompt)), quote(&check));
     if f.menu {
         let mut lines = ask_lines(a, SCREEN_COLS - 6);
@@ -718,11 +764,37 @@ pub fn upgrade_prompt_command(exe: &Path, dir: &Path, a: &Ask, f: &Features) -> 
         s.push_str(&format!(" {} '' {}", quote(&grant_item), quote(&fmt_escape(&confirm))));
         s
     } else {
-        // No menu on this tmux: the prompt itself, which names who asks, is the popup.
-        let mut p = format!("{} asks to log in as {} on {}. ", a.from, a.user, a.target);
-        p.push_str(&format!("Type {GRANT_WORD} to allow: "));
-        format!("command-prompt -p {} {}", quote(&fmt_escape(&clip(&p, SCREEN_COLS - 2))), quote(&check))
+        // No menu on this tmux (before 3.0): the prompt itself is the popup, in the status line; the
+        // chat pane shows the whole request (keys and fingerprints) beside it.
+        let p =
+            clip(&format!("Tunnel request {n}: type {GRANT_WORD} to let {from} log in as {user}: "), SCREEN_COLS - 2);
+        format!("command-prompt -p {} {}", quote(&fmt_escape(&p)), quote(&check))
     }
+}
+
+/// How to answer, for the chat pane under the request.
+pub fn answer_hint(f: &Features) -> String {
+    if f.menu {
+        format!("answer in the popup: Deny, or Grant and type {GRANT_WORD}")
+    } else {
+        format!("answer at the prompt below: type {GRANT_WORD} to allow; anything else denies")
+    }
+}
+
+/// The command a Grant prompt runs with what was typed (`%%`): the text goes, exactly as typed,
+/// into the tmux environment variable `LINBIT_ANSWER_N`, and `__ctl DIR answer N typed` (run-shell,
+/// whose jobs inherit tmux's global environment) grants only when it reads `GRANT` there; it is
+/// unset at once. The typed text is never part of a shell command or a tmux format, on any version:
+/// from 2.7 `%%%` escapes it for tmux's parser inside double quotes; 1.8 has no such escape, so it
+/// goes inside single quotes, where only a typed `'` ends the quoting (the line then fails to
+/// parse or runs what the customer typed as tmux commands, never a grant without the word).
+fn typed_answer_command(exe: &Path, dir: &Path, n: u32, f: &Features) -> String {
+    let var = format!("LINBIT_ANSWER_{n}");
+    let typed = if f.has(Feat::PromptQuoteEscape) { "\"%%%\"" } else { "'%%'" };
+    format!(
+        "set-environment -g {var} {typed} ; {} ; set-environment -gu {var}",
+        ctl_command(exe, dir, &["answer", &n.to_string(), "typed"])
+    )
 }
 
 #[cfg(test)]

@@ -49,7 +49,14 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     let theirs = scratch.path().join("theirs.sock");
     let _servers = Servers(outer.clone(), theirs.clone());
     // The customer's own tmux, with its stock bindings, seen through a terminal (the outer server).
-    let client = format!("{} -S {} -f /dev/null new-session -s mine", client_tmux().display(), theirs.display());
+    // Its server, like a real one, has the client's tools first on its PATH: the panes it starts
+    // (our daemon among them) find the same tmux as the customer's shell.
+    let client = format!(
+        "env PATH='{}' {} -S {} -f /dev/null new-session -s mine",
+        client_path(),
+        client_tmux().display(),
+        theirs.display()
+    );
     Command::new(outer_tmux())
         .arg("-S")
         .arg(&outer)
@@ -81,7 +88,13 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     std::fs::write(scratch.path().join("run.sh"), script).unwrap();
     terminal(&outer, &["send-keys", &format!("sh {sp}/run.sh"), "Enter"]);
 
-    let mut conn = relay.accept(secs(30)).expect("the session reaches the relay");
+    let screen = |sock: &Path| {
+        let o = Command::new(outer_tmux()).arg("-S").arg(sock).args(["capture-pane", "-p"]).env_remove("TMUX").output();
+        o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    let Some(mut conn) = relay.accept(secs(30)) else {
+        panic!("the session did not reach the relay; the customer's terminal:\n{}", screen(&outer))
+    };
     conn.welcome(1);
     assert!(conn.wait_verb(secs(10), "SNAP").is_some(), "{:?}", conn.lines());
     assert!(wait(secs(10), || tmux(&theirs, &["list-windows", "-F", "#W"]).contains("linbit-tunl")));

@@ -381,12 +381,35 @@ fn cmdline(pid: u32) -> String {
 
 /// Assert that nothing the launcher started shows `secrets` on its command line or carries the
 /// token in its environment; returns how many processes were checked.
+/// The OpenSSH release of the client's `ssh` (7.4 under `just compat`).
+fn client_openssh() -> (u32, u32) {
+    let o = std::process::Command::new("ssh").env("PATH", client_path()).arg("-V").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    let v = text.trim().strip_prefix("OpenSSH_").unwrap_or("99.0");
+    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
+    let b: String = b.chars().take_while(char::is_ascii_digit).collect();
+    (a.parse().unwrap_or(99), b.parse().unwrap_or(0))
+}
+
+/// `RemoteCommand` came with OpenSSH 7.6: before, the hello is ssh's last argument.
+fn remote_command() -> bool {
+    client_openssh() >= (7, 6)
+}
+
 fn assert_no_secret_below(launcher: u32, id: &str, token: &str) -> usize {
     let procs = descendants(launcher);
     let ssh: Vec<_> = procs.iter().filter(|(_, c, _)| c.starts_with("ssh ")).collect();
     assert!(!ssh.is_empty(), "no ssh below the launcher: {procs:?}");
     for (pid, cmd, env) in &procs {
-        assert!(!cmd.contains(id), "the session ID is on the command line of {pid}: {cmd}");
+        // OpenSSH 7.4/7.5: the session ID is in the master's hello, its last argument, and nowhere
+        // else (it is in the launcher's own argv anyway: the customer typed it there).
+        let hello_arg = !remote_command()
+            && cmd.starts_with("ssh ")
+            && cmd.rsplit_once(" -- ").is_some_and(|(_, tail)| {
+                tail.split_once(' ').is_some_and(|(_, hello)| hello.starts_with(&format!("linbit-tunl/1 id={id} ")))
+            })
+            && cmd.matches(id).count() == 1;
+        assert!(hello_arg || !cmd.contains(id), "the session ID is on the command line of {pid}: {cmd}");
         assert!(!cmd.contains(token), "the token is on the command line of {pid}: {cmd}");
         let env = String::from_utf8_lossy(env);
         assert!(!env.contains(token), "the token is in the environment of {pid}: {cmd}");
@@ -416,8 +439,13 @@ fn session_id_and_token_stay_off_command_lines() {
     assert_no_secret_below(launcher, &id, token);
     let conf = session_dir(&id).join("ssh_config");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(std::fs::read_to_string(&conf).unwrap().contains(&format!("RemoteCommand linbit-tunl/1 id={id} ")));
+    if remote_command() {
+        assert_eq!(std::fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(std::fs::read_to_string(&conf).unwrap().contains(&format!("RemoteCommand linbit-tunl/1 id={id} ")));
+    } else {
+        // Version-gated: OpenSSH 7.4/7.5 refuse the RemoteCommand keyword (fatal): no such file.
+        assert!(!conf.exists(), "an ssh_config for an OpenSSH without RemoteCommand");
+    }
 
     conn.drop_link();
     let mut again = relay.accept(secs(15)).unwrap_or_else(|| panic!("no reconnect: {}", fg.diag()));

@@ -462,17 +462,52 @@ fn answer_to(conn: &mut Conn, req: &str, deadline: Instant) -> Option<String> {
     })
 }
 
-/// The menu itself (the chat pane repeats its text, not its title or Deny's key).
+/// tmux has menus (3.0): the question is a menu; before, it is a prompt in the status line.
+fn menus() -> bool {
+    client_tmux_version() >= (3, 0)
+}
+
+/// The menu itself (the chat pane repeats its text, not its title or Deny's key); before 3.0 the
+/// prompt (the chat pane says "type GRANT to allow", the prompt "type GRANT to let").
 fn popup_shown(s: &str) -> bool {
-    s.contains("Tunnel request") && s.contains("asks to log in over SSH") && s.contains("(d)")
+    if menus() {
+        s.contains("Tunnel request") && s.contains("asks to log in over SSH") && s.contains("(d)")
+    } else {
+        s.contains("Tunnel request") && s.contains("type GRANT to let")
+    }
+}
+
+/// What names the requester in the question itself.
+fn asker(who: &str) -> String {
+    if menus() { format!("{who} asks to log in over SSH") } else { format!("type GRANT to let {who} log in") }
 }
 
 impl Customer {
-    /// The deliberate grant: choose Grant in the popup (it has no key), then type the word.
+    /// Where the word is typed: after choosing Grant in the menu (it has no key), or the prompt.
+    fn confirmation(&self) {
+        if menus() {
+            self.keys(&["Up", "Enter"]);
+        }
+        assert!(
+            self.wait_screen(secs(10), |s| s.contains("Type GRANT") || s.contains("type GRANT to let")),
+            "no confirmation prompt\n{}",
+            self.screen()
+        );
+    }
+
+    /// The deliberate grant: the confirmation, then the word.
     fn grant(&self) {
-        self.keys(&["Up", "Enter"]);
-        assert!(self.wait_screen(secs(10), |s| s.contains("Type GRANT")), "no confirmation prompt\n{}", self.screen());
+        self.confirmation();
         self.keys(&["G", "R", "A", "N", "T", "Enter"]);
+    }
+
+    /// Deny: `d` in the menu; any other word at the prompt.
+    fn deny(&self) {
+        if menus() {
+            self.keys(&["d"]);
+        } else {
+            self.keys(&["d", "Enter"]);
+        }
     }
 }
 
@@ -495,7 +530,7 @@ fn share_mode_popup_deny_grant_and_revoke() {
     conn.send(&bed.upgrade("p1"));
     assert!(cust.wait_screen(secs(15), popup_shown), "no popup\n{}", cust.diag());
     assert!(cust.screen().contains("eng@linbit.com"), "{}", cust.screen());
-    cust.keys(&["d"]);
+    cust.deny();
     let ans = answer_to(&mut conn, "p1", secs(10)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
     assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
     assert!(ans.starts_with("TUNNEL_REJECTED"), "{ans}");
@@ -552,7 +587,7 @@ fn share_mode_block_unblock_pregrant() {
     assert!(state_line(&mut conn, "confirm"), "{:?}", conn.lines());
     conn.send(&bed.upgrade("b2"));
     assert!(cust.wait_screen(secs(15), popup_shown), "no popup after unblock\n{}", cust.diag());
-    cust.keys(&["d"]);
+    cust.deny();
     let ans = answer_to(&mut conn, "b2", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
     assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
 
@@ -600,7 +635,7 @@ fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
     let cust = Customer::start(&bed, "tqueue", &["--target", &target]);
     let mut conn = cust.connected(&bed);
     let key = format!("{}\n", bed.key.public_line);
-    let title = |who: &str| format!("{who} asks to log in over SSH");
+    let title = asker;
 
     conn.send(&upgrade_line("q1", "first@linbit.com", &key));
     assert!(
@@ -625,7 +660,7 @@ fn a_dismissed_popup_returns_and_a_second_request_is_queued() {
         "q2 answered before it was asked: {:?}",
         conn.lines()
     );
-    cust.keys(&["d"]);
+    cust.deny();
     let a1 = answer_to(&mut conn, "q1", secs(10)).unwrap_or_else(|| panic!("{:?}", conn.lines()));
     assert_eq!(line_field(&a1, "reason"), Some("denied"), "{a1}");
     // The queued request gets its own popup, and a grant opens the tunnel.
@@ -812,22 +847,40 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     let req = "p:1@x+y=/%,";
     conn.send(&bed.upgrade(req));
     assert!(cust.wait_screen(secs(15), informed_popup), "no popup\n{}", cust.diag());
-    let screen = cust.screen();
     let pubfile = bed.key.private_path.with_extension("pub");
     let lf = Command::new("ssh-keygen").arg("-lf").arg(&pubfile).output().unwrap();
     let lf = String::from_utf8_lossy(&lf.stdout).trim().to_string();
     // `BITS SHA256:FP COMMENT (TYPE)`; at 80 columns the comment may go on the next line.
     let (fp, rest) = lf.split_at(lf.find(" support@").unwrap_or_else(|| panic!("{lf}")));
     assert!(fp.contains(" SHA256:"), "{lf}");
-    for want in ["eng@linbit.com asks to log in over SSH", &format!("as root on {target}"), fp, rest.trim()] {
+    // Before 3.0 the question is the status-line prompt (who, as whom); the chat pane above it
+    // shows the whole request, of which an 8-row pane keeps the target and the key in view.
+    let on = format!("as root on {target}");
+    let who = if menus() {
+        "eng@linbit.com asks to log in over SSH"
+    } else {
+        "type GRANT to let eng@linbit.com log in as root"
+    };
+    let wants = [who, &on, fp, rest.trim()];
+    // (The chat pane may draw its copy a moment after the question is up.)
+    cust.wait_screen(secs(10), |s| wants.iter().all(|w| s.contains(w)));
+    let screen = cust.screen();
+    for want in wants {
         assert!(screen.contains(want), "the popup does not say {want:?}:\n{screen}");
     }
-    // The status line and the chat pane's status row fit 80 columns whole.
-    let status = screen.lines().last().unwrap_or("").to_string();
-    assert!(status.contains("tunnel confirm") && status.contains("F1 menu"), "status line cut: {status:?}");
+    // The status line and the chat pane's status row fit 80 columns whole (before 3.0 the status
+    // line is the prompt until it is answered: checked below).
+    let status_whole = |s: &str| {
+        let status = s.lines().last().unwrap_or("").to_string();
+        status.contains("tunnel confirm") && status.contains("F1 menu")
+    };
+    if menus() {
+        assert!(status_whole(&screen), "status line cut:\n{screen}");
+    }
 
     // What a customer types for the shell the moment the popup appears grants nothing: not `g`, not
-    // Enter (preselected first item on tmux >= 3.4), not `y`, not even the word itself.
+    // Enter (preselected first item on tmux >= 3.4), not `y`, not even the word itself. (Before 3.0
+    // the first Enter answers the prompt with `g`: denied.)
     for k in ["g", "Enter", "y", "Enter", "G", "R", "A", "N", "T", "Enter"] {
         cust.keys(&[k]);
     }
@@ -838,6 +891,18 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
         "typing granted the request: {:?}",
         conn.lines()
     );
+    let mut req = req.to_string();
+    if !menus() {
+        // (The answer may have come before the PONG that was waited for.)
+        let answered = |l: &String| l.starts_with("TUNNEL_REJECTED ") && line_field(l, "req") == Some(req.as_str());
+        let ans = conn.lines().into_iter().find(answered).or_else(|| answer_to(&mut conn, &req, secs(10)));
+        let ans = ans.unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+        assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");
+        assert!(cust.wait_screen(secs(10), status_whole), "status line cut:\n{}", cust.screen());
+        req = "p1b".to_string();
+        conn.send(&bed.upgrade(&req));
+        assert!(cust.wait_screen(secs(15), informed_popup), "no popup\n{}", cust.diag());
+    }
     // Dismissed: it does not come back while the customer keeps typing...
     cust.keys(&["Escape"]);
     let row = |s: &str| {
@@ -856,10 +921,8 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     assert!(!watch.ever(), "keys were written without a grant");
 
     // The deliberate way: choose Grant (no shortcut key), then type the word.
-    cust.keys(&["Up", "Enter"]);
-    assert!(cust.wait_screen(secs(10), |s| s.contains("Type GRANT")), "no confirmation prompt\n{}", cust.screen());
-    cust.keys(&["G", "R", "A", "N", "T", "Enter"]);
-    let open = answer_to(&mut conn, req, secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    cust.grant();
+    let open = answer_to(&mut conn, &req, secs(20)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
     assert!(open.starts_with("TUNNEL_OPEN "), "{open}");
     assert!(login_works(port_of(&open), &bed.key));
 
@@ -868,8 +931,7 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     assert!(state_line(&mut conn, "confirm"), "{:?}", conn.lines());
     conn.send(&bed.upgrade("p2"));
     assert!(cust.wait_screen(secs(15), informed_popup), "no popup\n{}", cust.diag());
-    cust.keys(&["Up", "Enter"]);
-    assert!(cust.wait_screen(secs(10), |s| s.contains("Type GRANT")), "no confirmation prompt\n{}", cust.screen());
+    cust.confirmation();
     cust.keys(&["y", "e", "s", "Enter"]);
     let ans = answer_to(&mut conn, "p2", secs(10)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
     assert_eq!(line_field(&ans, "reason"), Some("denied"), "{ans}");

@@ -367,10 +367,10 @@ impl Customer {
         let c = Customer::start(relay, id, &a, env);
         let mut conn = relay.accept(secs(40)).unwrap_or_else(|| panic!("no session at the relay:\n{}", c.diag()));
         conn.welcome(1);
-        // Pane labels need pane-border-status (tmux 2.3); before, the status line says it is us.
-        let labels = if client_tmux_version() >= (2, 3) { "[SHELL]" } else { "linbit-tunl" };
+        // Pane labels need pane-border-status (tmux 2.3); before, the status line names the session.
+        let labels = if client_tmux_version() >= (2, 3) { "[SHELL]".to_string() } else { format!(" {id} ") };
         assert!(
-            c.wait_screen(secs(20), |s| s.contains(labels) && s.lines().any(|l| matches!(l.trim_end(), "#" | "$"))),
+            c.wait_screen(secs(20), |s| s.contains(&labels) && s.lines().any(|l| matches!(l.trim_end(), "#" | "$"))),
             "the customer never saw the session:\n{}",
             c.diag()
         );
