@@ -791,10 +791,10 @@ pub fn answer_hint(f: &Features) -> String {
 fn typed_answer_command(exe: &Path, dir: &Path, n: u32, f: &Features) -> String {
     let var = format!("LINBIT_ANSWER_{n}");
     let typed = if f.has(Feat::PromptQuoteEscape) { "\"%%%\"" } else { "'%%'" };
-    format!(
-        "set-environment -g {var} {typed} ; {} ; set-environment -gu {var}",
-        ctl_command(exe, dir, &["answer", &n.to_string(), "typed"])
-    )
+    // Without -b: the unset must wait until the job has its environment (from 3.2 even a run-shell
+    // without a delay starts its job from a timer, after the commands that follow it have run).
+    let ctl = ctl_command(exe, dir, &["answer", &n.to_string(), "typed"]).replacen("run-shell -b ", "run-shell ", 1);
+    format!("set-environment -g {var} {typed} ; {ctl} ; set-environment -gu {var}")
 }
 
 #[cfg(test)]
