@@ -17,7 +17,9 @@ pub enum Auth {
     Certificate { session: String },
     /// A certificate whose key ID is not ours (or that cannot be read): refused.
     ForeignCertificate,
-    /// Keyboard-interactive (PAM checked the answer) or nothing recorded.
+    /// Keyboard-interactive: PAM checked the answer, `kibind` says for which session.
+    KeyboardInteractive,
+    /// Nothing recorded (not run by sshd).
     Other,
 }
 
@@ -72,6 +74,9 @@ pub fn parse(text: &str) -> Auth {
             }
         }
         (Some("publickey"), Some(t), _) if t.contains("-cert-") => Auth::ForeignCertificate,
+        (Some(m), _, _) if m == "keyboard-interactive" || m.starts_with("keyboard-interactive/") => {
+            Auth::KeyboardInteractive
+        }
         _ => Auth::Other,
     }
 }
@@ -104,7 +109,9 @@ mod tests {
         assert_eq!(parse(&line(&blob(1, "tunl host=h"))), Auth::ForeignCertificate);
         assert_eq!(parse(&line(&blob(1, "tunl session=a-b-c-d")[..20])), Auth::ForeignCertificate);
         assert_eq!(parse("publickey ssh-rsa-cert-v01@openssh.com AAAA\n"), Auth::ForeignCertificate);
-        assert_eq!(parse("keyboard-interactive\n"), Auth::Other);
+        assert_eq!(parse("keyboard-interactive\n"), Auth::KeyboardInteractive);
+        assert_eq!(parse("keyboard-interactive/pam\n"), Auth::KeyboardInteractive);
+        assert_eq!(parse("keyboard-interactivex\n"), Auth::Other);
         assert_eq!(parse(""), Auth::Other);
     }
 }

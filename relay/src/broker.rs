@@ -25,6 +25,7 @@ use serde_json::json;
 use tunl_wire::{self as wire, Piece, Splitter};
 
 use crate::audit::Audit;
+use crate::conn::Conn;
 use crate::from_customer::{self, CustomerMsg};
 use crate::from_viewer::{self, Opening, ViewerMsg};
 use crate::hello::{self, Hello, Mode};
@@ -136,7 +137,7 @@ enum Role {
 }
 
 struct Peer {
-    stream: UnixStream,
+    stream: Conn,
     split: Splitter,
     out: OutQueue,
     role: Role,
@@ -146,7 +147,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(stream: UnixStream, cap: usize, role: Role) -> Peer {
+    fn new(stream: Conn, cap: usize, role: Role) -> Peer {
         Peer { stream, split: Splitter::default(), out: OutQueue::new(cap), role, since: Instant::now(), closing: None }
     }
     fn name(&self) -> &str {
@@ -204,6 +205,8 @@ pub struct Broker {
     keys_audited: Instant,
     alive_told: Instant,
     viewer_names: Vec<String>,
+    /// The customer's ssh channel (this process is its `produce`) has gone: see [`Broker::detach`].
+    detach: bool,
 }
 
 impl Broker {
@@ -211,7 +214,7 @@ impl Broker {
     /// sockets, opens the audit log.
     pub fn bind(cfg: BrokerConfig, sink: Box<dyn SessionSink>) -> io::Result<Broker> {
         std::fs::create_dir_all(&cfg.run_dir)?;
-        let mut lock = std::fs::OpenOptions::new()
+        let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
@@ -219,8 +222,7 @@ impl Broker {
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| io::Error::new(io::ErrorKind::AddrInUse, "another broker serves this session"))?;
         // The holder's pid, for operators (and tests) who must find the broker.
-        lock.set_len(0)?;
-        std::io::Write::write_all(&mut lock, format!("{}\n", std::process::id()).as_bytes())?;
+        write_pid(&lock)?;
         let bind = |path: PathBuf, mode: u32, gid: Option<u32>| -> io::Result<UnixListener> {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -274,6 +276,7 @@ impl Broker {
             keys_audited: now,
             alive_told: now,
             viewer_names: Vec::new(),
+            detach: false,
         })
     }
 
@@ -296,16 +299,24 @@ impl Broker {
             let listen = if self.ended.is_some() { PollFlags::empty() } else { PollFlags::IN };
             fds.push(PollFd::new(&self.customer_listener, listen));
             fds.push(PollFd::new(&self.support_listener, listen));
+            // Per peer: the index of its read descriptor, and of its write descriptor when separate.
+            let mut at = Vec::with_capacity(ids.len());
             for id in &ids {
                 let p = &self.peers[id];
                 let mut f = PollFlags::empty();
                 if p.closing.is_none() {
                     f |= PollFlags::IN;
                 }
-                if !p.out.is_empty() {
-                    f |= PollFlags::OUT;
+                let out = if p.out.is_empty() { PollFlags::empty() } else { PollFlags::OUT };
+                let r = fds.len();
+                match p.stream.separate_write_fd() {
+                    None => fds.push(PollFd::from_borrowed_fd(p.stream.read_fd(), f | out)),
+                    Some(w) => {
+                        fds.push(PollFd::from_borrowed_fd(p.stream.read_fd(), f));
+                        fds.push(PollFd::from_borrowed_fd(w, out));
+                    }
                 }
-                fds.push(PollFd::new(&p.stream, f));
+                at.push((r, p.stream.separate_write_fd().map(|_| r + 1)));
             }
             let timeout = Timespec { tv_sec: 1, tv_nsec: 0 };
             match poll(&mut fds, Some(&timeout)) {
@@ -321,10 +332,13 @@ impl Broker {
             if !ready[1].is_empty() {
                 self.accept_support();
             }
-            for (i, id) in ids.iter().enumerate() {
-                let r = ready[i + 2];
-                if r.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
+            for (id, (r, w)) in ids.iter().zip(at) {
+                if ready[r].intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
                     self.read_peer(*id);
+                }
+                // The reader of the ssh channel's stdout is gone: so is the customer.
+                if w.is_some_and(|w| ready[w].intersects(PollFlags::HUP | PollFlags::ERR)) {
+                    self.peer_eof(*id);
                 }
             }
             self.flush_all();
@@ -332,6 +346,9 @@ impl Broker {
                 && let Err(e) = rec.flush()
             {
                 log(&format!("recording: {e}"));
+            }
+            if std::mem::take(&mut self.detach) {
+                self.detach()?;
             }
         }
         self.audit_keys();
@@ -341,6 +358,31 @@ impl Broker {
         let _ = std::fs::remove_file(customer_sock(&self.cfg.run_dir));
         let _ = std::fs::remove_file(support_sock(&self.cfg.run_dir));
         Ok(())
+    }
+
+    /// Serves the customer whose `produce` is this process: `conn` is its ssh channel, `hello` the
+    /// line it sent (which `produce` has checked against the registry). One process per session
+    /// instead of a `produce` copying lines to a broker (docs/architecture.md, "One process").
+    pub fn adopt_customer(&mut self, conn: Conn, hello: &[u8]) {
+        let id = self.insert_peer(conn, SMALL_QUEUE, Role::CustomerHello);
+        self.on_customer_hello(id, hello);
+    }
+
+    /// sshd ends a customer's connection only when its child, this process, exits: with the
+    /// channel gone the broker goes on in a child of its own (the viewers stay joined for the
+    /// reconnect) and the process sshd knows exits. Single-threaded, so fork is safe here.
+    fn detach(&mut self) -> io::Result<()> {
+        // SAFETY: fork in a single-threaded process; the parent only calls _exit.
+        match unsafe { libc::fork() } {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                // SAFETY: setsid has no preconditions; it fails harmlessly if already a leader.
+                unsafe { libc::setsid() };
+                write_pid(&self._lock)
+            }
+            // SAFETY: _exit skips destructors: the sockets and the lock belong to the child now.
+            _ => unsafe { libc::_exit(0) },
+        }
     }
 
     fn finished(&self, now: Instant) -> bool {
@@ -412,13 +454,15 @@ impl Broker {
     }
 
     fn add_peer(&mut self, stream: UnixStream, cap: usize, role: Role) -> Option<u64> {
-        if stream.set_nonblocking(true).is_err() {
-            return None;
-        }
+        let stream = Conn::socket(stream).ok()?;
+        Some(self.insert_peer(stream, cap, role))
+    }
+
+    fn insert_peer(&mut self, stream: Conn, cap: usize, role: Role) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.peers.insert(id, Peer::new(stream, cap, role));
-        Some(id)
+        id
     }
 
     fn accept_customer(&mut self) {
@@ -1030,7 +1074,11 @@ impl Broker {
     fn remove_peer(&mut self, id: u64, _why: &str) {
         self.close_peer(id);
         if let Some(p) = self.peers.remove(&id) {
-            let _ = p.stream.shutdown(std::net::Shutdown::Both);
+            p.stream.shutdown();
+            if p.stream.separate_write_fd().is_some() {
+                // The ssh channel of a `produce` that became the broker: see `detach`.
+                self.detach = true;
+            }
         }
     }
 
@@ -1062,6 +1110,13 @@ impl Broker {
             self.remove_peer(id, "done");
         }
     }
+}
+
+/// The lock file names its holder, for operators (and tests) who must find the broker.
+fn write_pid(lock: &std::fs::File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    lock.set_len(0)?;
+    lock.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)
 }
 
 /// Engineers read a session's audit log and recording through `tunl-relay support`, which runs

@@ -70,17 +70,26 @@ impl SessionSink for RegistrySink {
 }
 
 pub fn run(layout: &Layout, sid: &str) -> Result<(), String> {
+    let b = open(layout, sid).map_err(|e| e.to_string())?;
+    b.run().map_err(|e| e.to_string())
+}
+
+/// The session's broker, its sockets bound and its lock taken; `ErrorKind::AddrInUse` when another
+/// process serves the session already.
+pub fn open(layout: &Layout, sid: &str) -> std::io::Result<Broker> {
+    let fail = |m: String| std::io::Error::other(m);
     if !crate::hello::valid_session_id(sid) {
-        return Err("SID is not a session ID (four lowercase words joined by hyphens)".into());
+        return Err(fail("SID is not a session ID (four lowercase words joined by hyphens)".into()));
     }
-    let cfg = Config::load(layout).map_err(|e| e.to_string())?;
+    let cfg = Config::load(layout).map_err(|e| fail(e.to_string()))?;
     let db = layout.registry_db();
+    // The connection is closed before the broker runs: an idle session holds no SQLite cache.
     let s = Sqlite::open(&db)
         .and_then(|r| r.get(sid))
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no session {sid} in the registry"))?;
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail(format!("no session {sid} in the registry")))?;
     if s.state == State::Ended {
-        return Err(format!("session {sid} has ended"));
+        return Err(fail(format!("session {sid} has ended")));
     }
     let bc = BrokerConfig {
         sid: sid.to_string(),
@@ -94,6 +103,5 @@ pub fn run(layout: &Layout, sid: &str) -> Result<(), String> {
         linger: LINGER,
     };
     let sink = RegistrySink { db, sid: sid.to_string() };
-    let b = Broker::bind(bc, Box::new(sink)).map_err(|e| e.to_string())?;
-    b.run().map_err(|e| e.to_string())
+    Broker::bind(bc, Box::new(sink))
 }

@@ -57,11 +57,28 @@ pub fn pam_ki(layout: &Layout) -> u8 {
     }
     let mut raw = Vec::new();
     let _ = std::io::stdin().take(MAX_ANSWER).read_to_end(&mut raw);
-    let ok = match check(layout, &classify(&raw)) {
-        Ok(Some(id)) => {
-            log::info("ki-accepted", &[("id", &id), ("rhost", &rhost)]);
-            true
+    // Which connection this is, before a token is spent: produce opens only the session answered for.
+    let conn = match crate::kibind::connection_of_pam(layout) {
+        Ok(c) => c,
+        Err(e) => {
+            log::warn("ki-refused", &[("why", &e), ("rhost", &rhost)]);
+            return 1;
         }
+    };
+    let gid = crate::accounts::user(&cfg.customer_user).map(|u| u.gid);
+    let ok = match check(layout, &classify(&raw)) {
+        Ok(Some(id)) => match gid.ok_or_else(|| "no customers' account".to_string()).and_then(|g| {
+            crate::kibind::record(layout, g, &conn, &id).map_err(|e| format!("recording the login's session: {e}"))
+        }) {
+            Ok(()) => {
+                log::info("ki-accepted", &[("id", &id), ("rhost", &rhost)]);
+                true
+            }
+            Err(e) => {
+                log::warn("ki-refused", &[("why", &e), ("rhost", &rhost)]);
+                false
+            }
+        },
         Ok(None) => {
             log::warn("ki-refused", &[("why", "no such pending or live session, or token"), ("rhost", &rhost)]);
             false

@@ -1,22 +1,24 @@
 //! `tunl-relay produce`: the customer's ForceCommand. Reads the hello from
-//! `SSH_ORIGINAL_COMMAND`, checks it strictly and against the registry, makes sure the session's
-//! broker runs, and from then on copies lines between the ssh channel and the broker. The broker
-//! answers `WELCOME` (or `busy`), since only it knows whether a customer is connected.
+//! `SSH_ORIGINAL_COMMAND`, checks it strictly and against the registry, then becomes the session's
+//! broker with the ssh channel as its customer (one process per session), or, when a broker
+//! already serves the session (a reconnect while it lingers, a second customer), copies lines
+//! between the channel and it. The broker answers `WELCOME` (or `busy`), since only it knows
+//! whether a customer is connected.
 
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tunl_wire as wire;
 
-use crate::broker::customer_sock;
+use crate::broker::{Broker, customer_sock};
+use crate::conn::Conn;
 use crate::hello;
 use crate::layout::Layout;
 use crate::registry::{self, Admission, Registry, Sqlite};
 
-/// How long `produce` waits for a broker it started to listen.
+/// How long `produce` waits for a broker that another `produce` is starting to listen.
 const BROKER_START: Duration = Duration::from_secs(10);
 /// How long it waits for the broker's answer to the hello.
 const ANSWER_WAIT: Duration = Duration::from_secs(15);
@@ -38,9 +40,9 @@ pub fn produce(layout: &Layout) -> u8 {
         Ok(h) => h,
         Err(r) => return answer_error(r.code, &r.msg),
     };
-    if let Some(refusal) = certificate_mismatch(&h.id) {
+    if let Some((refusal, answer)) = login_mismatch(layout, &h.id) {
         log(&refusal);
-        return answer_error("unknown-session", "this certificate was issued for another session");
+        return answer_error("unknown-session", answer);
     }
     let reg = match Sqlite::open(&layout.registry_db()) {
         Ok(r) => r,
@@ -74,8 +76,9 @@ pub fn produce(layout: &Layout) -> u8 {
         }
     }
     drop(reg);
-    let sock = match connect_or_start(layout, &h.id) {
-        Ok(s) => s,
+    let sock = match connect_or_become(layout, &h.id) {
+        Ok(Peer::Broker(b)) => return serve_as_broker(layout, &h.id, *b, &cmd),
+        Ok(Peer::Socket(s)) => s,
         Err(e) => {
             log(&format!("session {}: broker: {e}", h.id));
             return answer_error("internal", "the relay could not start the session; try again later");
@@ -108,68 +111,101 @@ pub fn produce(layout: &Layout) -> u8 {
     }
 }
 
-/// A relay certificate opens only the session it was issued for (its key ID names it); sshd
-/// reports the certificate through `ExposeAuthInfo`. `None` when the login may go on.
-fn certificate_mismatch(sid: &str) -> Option<String> {
+/// A login opens only the session it was for: a relay certificate's key ID names it (sshd reports
+/// the certificate through `ExposeAuthInfo`), a keyboard-interactive answer's session is recorded by
+/// `pam-ki` (`kibind`). `None` when the login may go on; else the log line and the answer.
+fn login_mismatch(layout: &Layout, sid: &str) -> Option<(String, &'static str)> {
+    use crate::authinfo::Auth;
     let path = std::env::var_os("SSH_USER_AUTH")?;
     let text = std::fs::read_to_string(&path).ok()?;
+    let cert = "this certificate was issued for another session";
+    let ki = "this login answered for another session";
     match crate::authinfo::parse(&text) {
-        crate::authinfo::Auth::Certificate { session } if session == sid => None,
-        crate::authinfo::Auth::Certificate { session } => {
-            Some(format!("a certificate for session {session} asked for session {sid}: refused"))
+        Auth::Certificate { session } if session == sid => None,
+        Auth::Certificate { session } => {
+            Some((format!("a certificate for session {session} asked for session {sid}: refused"), cert))
         }
-        crate::authinfo::Auth::ForeignCertificate => {
-            Some(format!("session {sid}: a certificate the relay did not issue: refused"))
+        Auth::ForeignCertificate => {
+            Some((format!("session {sid}: a certificate the relay did not issue: refused"), cert))
         }
-        crate::authinfo::Auth::Other => None,
+        Auth::KeyboardInteractive => {
+            match crate::kibind::connection_of_session().and_then(|c| crate::kibind::lookup(layout, &c)) {
+                Some(s) if s == sid => None,
+                Some(s) => {
+                    Some((format!("a keyboard-interactive login for session {s} asked for session {sid}: refused"), ki))
+                }
+                None => Some((
+                    format!("session {sid}: a keyboard-interactive login with no record of its session: refused"),
+                    ki,
+                )),
+            }
+        }
+        Auth::Other => None,
     }
 }
 
-/// Connects to the session's broker, starting it when none listens.
-fn connect_or_start(layout: &Layout, sid: &str) -> io::Result<UnixStream> {
+enum Peer {
+    /// No broker served the session: this process is it now.
+    Broker(Box<Broker>),
+    /// The session's broker (a reconnect while it lingers, a second customer): lines are copied.
+    Socket(UnixStream),
+}
+
+/// Connects to the session's broker, or becomes it when none listens.
+fn connect_or_become(layout: &Layout, sid: &str) -> io::Result<Peer> {
     let path = customer_sock(&layout.session_run(sid));
-    if let Ok(s) = UnixStream::connect(&path) {
-        return Ok(s);
-    }
-    start_broker(layout, sid)?;
     let deadline = Instant::now() + BROKER_START;
     loop {
-        match UnixStream::connect(&path) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() > deadline => {
-                return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+        if let Ok(s) = UnixStream::connect(&path) {
+            return Ok(Peer::Socket(s));
+        }
+        match crate::broker_main::open(layout, sid) {
+            Ok(b) => return Ok(Peer::Broker(Box::new(b))),
+            // Another produce took the lock first and is binding its sockets: connect to it.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
             }
-            // Another produce may be starting it too: the broker's lock lets one win; both connect.
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e),
         }
     }
 }
 
-/// `tunl-relay broker --root ROOT SID`, detached (double fork, own session) so that it outlives
-/// this connection; its stderr goes to `STATE/audit/SID.log`.
-pub fn start_broker(layout: &Layout, sid: &str) -> io::Result<()> {
-    let exe = std::env::current_exe()?;
-    let log_path = layout.audit().join(format!("{sid}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", log_path.display())))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("broker").arg("--root").arg(&layout.root).arg(sid);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(log));
-    // SAFETY: only async-signal-safe calls (fork, setsid, _exit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| match libc::fork() {
-            -1 => Err(io::Error::last_os_error()),
-            0 => {
-                libc::setsid();
-                Ok(())
+/// The session's broker in this process, with the ssh channel as its customer. Its stdin and
+/// stdout move to descriptors of the broker's own (0 and 1 become /dev/null), and stderr, which
+/// sshd would forward to the customer and waits on before closing the channel, goes to
+/// `STATE/audit/SID.log`.
+fn serve_as_broker(layout: &Layout, sid: &str, mut b: Broker, hello: &str) -> u8 {
+    let channel = (|| -> io::Result<Conn> {
+        let rd = rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3)?;
+        let wr = rustix::io::fcntl_dupfd_cloexec(io::stdout(), 3)?;
+        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+        let log_path = layout.audit().join(format!("{sid}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", log_path.display())))?;
+        for (from, to) in [(null.as_raw_fd(), 0), (null.as_raw_fd(), 1), (log.as_raw_fd(), 2)] {
+            // SAFETY: dup2 onto the standard descriptors, which nothing else in this process holds.
+            if unsafe { libc::dup2(from, to) } < 0 {
+                return Err(io::Error::last_os_error());
             }
-            _ => libc::_exit(0),
-        });
+        }
+        Conn::pipes(rd, wr)
+    })();
+    let conn = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            log(&format!("session {sid}: broker: {e}"));
+            return answer_error("internal", "the relay could not start the session; try again later");
+        }
+    };
+    b.adopt_customer(conn, hello.as_bytes());
+    match b.run() {
+        Ok(()) => 0,
+        Err(e) => {
+            log(&format!("session {sid}: broker: {e}"));
+            1
+        }
     }
-    let mut child = cmd.spawn()?;
-    child.wait()?;
-    Ok(())
 }

@@ -153,3 +153,142 @@ fn a_certificate_kept_after_its_session_ends_gets_the_contracts_error() {
     let got = first_line(&relay, &scratch, &key2, &hello(&id2));
     assert!(got.starts_with("ERROR code=expired "), "{got}");
 }
+
+/// Runs `ssh` logging in by keyboard-interactive with `answer` (askpass), sending `hello` as the
+/// command; the relay's first line (or ssh's stderr when there is none).
+fn ki_first_line(relay: &Relay, scratch: &Scratch, answer: &str, hello: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let kh = scratch.path().join("known_hosts");
+    std::fs::write(&kh, format!("@cert-authority [127.0.0.1]:{} {}\n", relay.port(), relay.ca_pubkey())).unwrap();
+    let askpass = scratch.path().join("askpass.sh");
+    std::fs::write(&askpass, format!("#!/bin/sh\necho {answer}\n")).unwrap();
+    std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = Command::new("ssh")
+        .args(["-F", "/dev/null", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes"])
+        .args(["-o", "PreferredAuthentications=keyboard-interactive", "-o", "NumberOfPasswordPrompts=1"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", hello])
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        line.trim_end(),
+        if line.is_empty() { String::from_utf8_lossy(&out.stderr).into_owned() } else { String::new() }
+    )
+}
+
+#[test]
+fn a_keyboard_interactive_login_opens_only_the_session_it_answered_for() {
+    let relay = relay();
+    let scratch = Scratch::new("kibind");
+    let hello = |sid: &str| {
+        format!("linbit-tunl/1 id={sid} mode=share host=h user=root ips=10.0.0.1 case= client=0.1 size=80x24 resume=0")
+    };
+    let (a, a_token) = relay.create_session("CASE-KA", false);
+    let (b, _) = relay.create_session("CASE-KB", false);
+    // Session A's token, then a hello for session B: refused as a certificate for A would be.
+    let got = ki_first_line(&relay, &scratch, &a_token, &hello(&b));
+    assert!(got.starts_with("ERROR code=unknown-session "), "{got}\n{}", relay.log_text());
+    assert!(got.contains("another%20session"), "{got}");
+    // Session A's ID likewise.
+    let got = ki_first_line(&relay, &scratch, &a, &hello(&b));
+    assert!(got.starts_with("ERROR code=unknown-session "), "{got}\n{}", relay.log_text());
+    assert!(!relay.registry().get(&b).unwrap().unwrap().state.is_live());
+    // Its own session's ID opens it.
+    let got = ki_first_line(&relay, &scratch, &a, &hello(&a));
+    assert!(got.starts_with("WELCOME "), "{got}\n{}", relay.log_text());
+}
+
+/// Pids of the relay's own session processes (`produce`, `broker`) for this relay's root.
+fn session_processes(relay: &Relay) -> Vec<i32> {
+    let root = format!("--root {}", relay.layout.root.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&root) && (cmd.contains(" produce ") || cmd.contains(" broker ")) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn an_idle_session_is_one_process_that_outlives_its_connection() {
+    let relay = relay();
+    let scratch = Scratch::new("oneproc");
+    let (key, public) = keypair(scratch.path(), "k");
+    let (id, token) = relay.create_session("CASE-ONE", false);
+    let a = post_sign(&relay, &sign_body(&id, &token, &public));
+    assert_eq!(a.status, 200, "{a:?}");
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    std::fs::write(format!("{}-cert.pub", key.display()), format!("{}\n", v["certificate"].as_str().unwrap())).unwrap();
+    let kh = scratch.path().join("known_hosts");
+    std::fs::write(&kh, format!("@cert-authority [127.0.0.1]:{} {}\n", relay.port(), relay.ca_pubkey())).unwrap();
+    let login = |resume: u8| {
+        let hello = format!(
+            "linbit-tunl/1 id={id} mode=share host=h user=root ips=10.0.0.1 case= client=0.1 size=80x24 resume={resume}"
+        );
+        let mut child = Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+            .args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .arg("-o")
+            .arg(format!("CertificateFile={}-cert.pub", key.display()))
+            .arg("-i")
+            .arg(&key)
+            .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", &hello])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.starts_with("WELCOME "), "{line:?}\n{}", relay.log_text());
+        (child, out)
+    };
+
+    let (mut first, _out) = login(0);
+    // One process of ours serves the welcomed, idle session: its produce is the broker.
+    assert!(
+        wait_until(secs(10), || session_processes(&relay).len() == 1),
+        "session processes: {:?}\n{}",
+        session_processes(&relay),
+        relay.log_text()
+    );
+    // The customer's link ends (the client closes ssh's input): sshd closes the connection, so
+    // ssh exits, while the session's broker stays for the reconnect.
+    drop(first.stdin.take());
+    assert!(
+        wait_until(secs(30), || matches!(first.try_wait(), Ok(Some(_)))),
+        "ssh did not end with its channel\n{}",
+        relay.log_text()
+    );
+    let lock = relay.layout.session_run(&id).join("broker.lock");
+    let broker = || std::fs::read_to_string(&lock).ok().and_then(|t| t.trim().parse::<i32>().ok());
+    assert!(
+        wait_until(secs(10), || broker().is_some_and(|p| session_processes(&relay) == vec![p])),
+        "the broker did not stay: lock {:?}, processes {:?}",
+        broker(),
+        session_processes(&relay)
+    );
+    // The reconnect finds it: the session goes on.
+    let (mut second, _out2) = login(1);
+    drop(second.stdin.take());
+    let _ = second.kill();
+    let _ = second.wait();
+}

@@ -114,12 +114,14 @@ impl Root {
 
 impl Drop for Root {
     fn drop(&mut self) {
-        // Brokers are detached daemons: end every one this test started, by its pid.
+        // Brokers (a `produce` that became one, or `broker SID`) outlive their customer: end every
+        // one this test started, by its pid.
         if let Ok(rd) = std::fs::read_dir(self.layout.run().join("s")) {
             for e in rd.flatten() {
                 if let Some(pid) = self.broker_pid(&e.file_name().to_string_lossy())
                     && Path::new(&format!("/proc/{pid}/cmdline")).exists()
-                    && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(6).any(|w| w == b"broker"))
+                    && std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.windows(6).any(|w| w == b"broker") || c.windows(7).any(|w| w == b"produce"))
                 {
                     unsafe { libc::kill(pid, libc::SIGTERM) };
                 }
