@@ -59,8 +59,11 @@ const READ_CHUNK: usize = 64 << 10;
 /// What the broker writes to the session registry. A narrow interface of the broker's own so the
 /// registry's backend does not matter here; failures are the implementation's to log.
 pub trait SessionSink {
-    /// The customer is connected (again): host, user, and the session's state word.
-    fn connected(&mut self, hello: &Hello, state: &str);
+    /// The customer is connected: host, user, the session's state word, and how (`connected`,
+    /// `reconnected`, `takeover` of a link presumed dead).
+    fn connected(&mut self, hello: &Hello, state: &str, how: &str);
+    /// A customer's hello was refused by the broker (`busy`: another customer holds the session).
+    fn refused(&mut self, hello: &Hello, code: &str);
     /// The state word changed (`share`, `restricted`, `share+tunnel`, `tunnel`).
     fn state(&mut self, state: &str);
     fn viewers(&mut self, names: &[String]);
@@ -76,7 +79,8 @@ pub trait SessionSink {
 /// A sink that records nothing (for tests that do not look at the registry).
 pub struct NoSink;
 impl SessionSink for NoSink {
-    fn connected(&mut self, _: &Hello, _: &str) {}
+    fn connected(&mut self, _: &Hello, _: &str, _: &str) {}
+    fn refused(&mut self, _: &Hello, _: &str) {}
     fn state(&mut self, _: &str) {}
     fn viewers(&mut self, _: &[String]) {}
     fn tunnel_port(&mut self, _: Option<u16>) {}
@@ -172,8 +176,19 @@ fn raw_line(bytes: &[u8]) -> Rc<[u8]> {
     Rc::from(v)
 }
 
-fn log(msg: &str) {
-    eprintln!("tunl-relay broker: {msg}");
+/// One operational event on stderr (`crate::log`: one structured line; journald's stream in
+/// production, `STATE/audit/SID.log` otherwise, see `produce`). The audit log is the session's
+/// record; these are for whoever runs the relay.
+fn warn(sid: &str, ev: &str, fields: &[(&str, &str)]) {
+    let mut f = vec![("id", sid)];
+    f.extend_from_slice(fields);
+    crate::log::warn(ev, &f);
+}
+
+fn info(sid: &str, ev: &str, fields: &[(&str, &str)]) {
+    let mut f = vec![("id", sid)];
+    f.extend_from_slice(fields);
+    crate::log::info(ev, &f);
 }
 
 pub struct Broker {
@@ -282,7 +297,11 @@ impl Broker {
 
     fn audit(&mut self, ev: &str, fields: serde_json::Value) {
         if let Err(e) = self.audit.record(ev, fields) {
-            log(&format!("audit log {}: {e}", self.cfg.audit.display()));
+            warn(
+                &self.cfg.sid,
+                "audit-failed",
+                &[("path", &self.cfg.audit.display().to_string()), ("error", &e.to_string())],
+            );
         }
     }
 
@@ -345,7 +364,7 @@ impl Broker {
             if let Some(rec) = &mut self.recording
                 && let Err(e) = rec.flush()
             {
-                log(&format!("recording: {e}"));
+                warn(&self.cfg.sid, "recording-failed", &[("error", &e.to_string())]);
             }
             if std::mem::take(&mut self.detach) {
                 self.detach()?;
@@ -528,7 +547,7 @@ impl Broker {
 
     fn dropped(&mut self, id: u64, verb: &str, reason: &str) {
         let who = self.peers.get(&id).map(|p| p.name().to_string()).unwrap_or_default();
-        log(&format!("dropped a line from {}: {verb}: {reason}", wire::neutralize(&who)));
+        warn(&self.cfg.sid, "line-dropped", &[("from", &who), ("verb", verb), ("reason", reason)]);
     }
 
     fn on_line(&mut self, id: u64, l: &[u8]) {
@@ -564,7 +583,7 @@ impl Broker {
 
     fn on_customer_hello(&mut self, id: u64, l: &[u8]) {
         let refuse = |b: &mut Broker, code: &str, msg: &str| {
-            log(&format!("refused a customer connection: {code}: {msg}"));
+            warn(&b.cfg.sid, "customer-refused", &[("code", code), ("why", msg)]);
             b.send(id, line(format!("ERROR code={code} msg={}", wire::pct_encode(msg))));
             b.close_peer(id);
         };
@@ -582,14 +601,22 @@ impl Broker {
         if self.cfg.restricted_only && h.mode != Mode::Restricted {
             return refuse(self, "mode-refused", "support opened this session restricted; run with --restricted");
         }
-        if let Some(old) = self.customer {
+        let how = if let Some(old) = self.customer {
             if !h.resume {
+                // Two customers claiming one session: the second is refused, the first goes on.
+                self.sink.refused(&h, "busy");
+                self.audit("refused", json!({"code": "busy", "host": h.host, "user": h.user}));
                 return refuse(self, "busy", "another client is connected to this session");
             }
             // resume=1: the old link is presumed dead (the client only resumes after losing it).
             self.audit("takeover", json!({}));
             self.remove_peer(old, "replaced by a reconnect");
-        }
+            "takeover"
+        } else if h.resume {
+            "reconnected"
+        } else {
+            "connected"
+        };
         if let Some(p) = self.peers.get_mut(&id) {
             p.role = Role::Customer;
             p.out = OutQueue::new(CUSTOMER_QUEUE);
@@ -603,7 +630,11 @@ impl Broker {
                     give_group(&self.cfg.recording, self.cfg.support_gid);
                     self.recording = Some(r)
                 }
-                Err(e) => log(&format!("recording {}: {e}", self.cfg.recording.display())),
+                Err(e) => warn(
+                    &self.cfg.sid,
+                    "recording-failed",
+                    &[("path", &self.cfg.recording.display().to_string()), ("error", &e.to_string())],
+                ),
             }
         } else if let Some(r) = &mut self.recording {
             let _ = r.resize(h.cols, h.rows);
@@ -615,7 +646,8 @@ impl Broker {
             json!({"host": h.host, "user": h.user, "ips": h.ips, "mode": h.mode.as_str(), "client": h.client, "resume": h.resume}),
         );
         self.state_word = state_word(self.mode, &self.tunnel);
-        self.sink.connected(&h, &self.state_word.clone());
+        info(&self.cfg.sid, "customer-connected", &[("how", how), ("host", &h.host), ("mode", h.mode.as_str())]);
+        self.sink.connected(&h, &self.state_word.clone(), how);
         self.hello = Some(h);
         self.broadcast(line("LINK state=up".into()));
     }
@@ -626,7 +658,7 @@ impl Broker {
                 if let Some(r) = &mut self.recording
                     && let Err(e) = r.output(&data)
                 {
-                    log(&format!("recording: {e}"));
+                    warn(&self.cfg.sid, "recording-failed", &[("error", &e.to_string())]);
                 }
                 self.broadcast(raw_line(raw));
             }
@@ -976,7 +1008,7 @@ impl Broker {
         if self.ended.is_some() {
             return;
         }
-        log(&format!("session {} ended: {}", self.cfg.sid, wire::neutralize(why)));
+        info(&self.cfg.sid, "session-ended", &[("end", word), ("why", why)]);
         self.ended = Some(Instant::now());
         self.sink.ended(word, why);
         self.audit("end", json!({"reason": why}));
@@ -1025,12 +1057,13 @@ impl Broker {
 
     fn drop_slow(&mut self, id: u64) {
         if Some(id) == self.customer {
-            log("the customer's link does not take its lines; disconnecting it");
+            warn(&self.cfg.sid, "customer-dropped", &[("reason", "slow")]);
             self.remove_peer(id, "slow");
             return;
         }
+        let Some(name) = self.peers.get(&id).map(|p| p.name().to_string()) else { return };
+        warn(&self.cfg.sid, "viewer-dropped", &[("who", &name), ("reason", "slow")]);
         let Some(p) = self.peers.get_mut(&id) else { return };
-        log(&format!("dropping slow viewer {}", wire::neutralize(p.name())));
         p.out.discard_unsent();
         p.out.push_last(line("REFUSED what=O reason=slow".into()));
         self.close_peer(id);
@@ -1125,7 +1158,7 @@ fn give_group(path: &Path, gid: Option<u32>) {
     if let Some(g) = gid
         && let Err(e) = rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(g)))
     {
-        log(&format!("{}: {e}", path.display()));
+        crate::log::warn("chown-failed", &[("path", &path.display().to_string()), ("error", &e.to_string())]);
     }
 }
 

@@ -23,7 +23,7 @@ struct RegistrySink {
 impl RegistrySink {
     fn with(&self, what: &str, f: impl FnOnce(&Sqlite) -> crate::registry::Result<()>) {
         if let Err(e) = Sqlite::open(&self.db).and_then(|r| f(&r)) {
-            eprintln!("tunl-relay broker: session {}: registry ({what}): {e}", self.sid);
+            crate::log::warn("registry-failed", &[("id", &self.sid), ("what", what), ("error", &e.to_string())]);
         }
     }
     fn update(&self, change: Update) {
@@ -32,10 +32,18 @@ impl RegistrySink {
 }
 
 impl SessionSink for RegistrySink {
-    fn connected(&mut self, _: &Hello, state: &str) {
-        if let Some(s) = State::parse(state) {
-            self.update(Update::State(s));
-        }
+    fn connected(&mut self, h: &Hello, state: &str, how: &str) {
+        let detail = format!("mode={} host={}", h.mode.as_str(), h.host);
+        self.with("connected", |r| {
+            if let Some(s) = State::parse(state) {
+                r.update(&self.sid, &Update::State(s), crate::now())?;
+            }
+            r.record(&self.sid, "customer", how, &detail, crate::now())
+        });
+    }
+    fn refused(&mut self, h: &Hello, code: &str) {
+        let detail = format!("{code}: a second customer, host={} user={}", h.host, h.user);
+        self.with("refused", |r| r.record(&self.sid, "customer", "refused", &detail, crate::now()));
     }
     fn state(&mut self, state: &str) {
         if let Some(s) = State::parse(state) {
@@ -58,12 +66,12 @@ impl SessionSink for RegistrySink {
         let reg = match Sqlite::open(&self.db) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("tunl-relay broker: session {}: {e}", self.sid);
+                crate::log::warn("registry-failed", &[("id", &self.sid), ("what", "open"), ("error", &e.to_string())]);
                 return true; // a registry hiccup must not end a customer's session
             }
         };
         if connected && let Err(e) = reg.update(&self.sid, &Update::Seen, crate::now()) {
-            eprintln!("tunl-relay broker: session {}: {e}", self.sid);
+            crate::log::warn("registry-failed", &[("id", &self.sid), ("what", "seen"), ("error", &e.to_string())]);
         }
         !matches!(reg.get(&self.sid), Ok(Some(s)) if s.state == State::Ended)
     }

@@ -172,19 +172,28 @@ fn connect_or_become(layout: &Layout, sid: &str) -> io::Result<Peer> {
 
 /// The session's broker in this process, with the ssh channel as its customer. Its stdin and
 /// stdout move to descriptors of the broker's own (0 and 1 become /dev/null), and stderr, which
-/// sshd would forward to the customer and waits on before closing the channel, goes to
-/// `STATE/audit/SID.log`.
+/// sshd would forward to the customer and waits on before closing the channel, goes to journald
+/// (or `STATE/audit/SID.log` without systemd).
 fn serve_as_broker(layout: &Layout, sid: &str, mut b: Broker, hello: &str) -> u8 {
     let channel = (|| -> io::Result<Conn> {
         let rd = rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3)?;
         let wr = rustix::io::fcntl_dupfd_cloexec(io::stdout(), 3)?;
         let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
-        let log_path = layout.audit().join(format!("{sid}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", log_path.display())))?;
+        // Operational events: journald's stream on a systemd host, as for the relay's services;
+        // else (a test root, no systemd) the session's own file.
+        let journal = if layout.root == std::path::Path::new("/") { crate::log::journal_stream() } else { None };
+        let log: std::os::fd::OwnedFd = match journal {
+            Some(j) => j.into(),
+            None => {
+                let log_path = layout.audit().join(format!("{sid}.log"));
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", log_path.display())))?
+                    .into()
+            }
+        };
         for (from, to) in [(null.as_raw_fd(), 0), (null.as_raw_fd(), 1), (log.as_raw_fd(), 2)] {
             // SAFETY: dup2 onto the standard descriptors, which nothing else in this process holds.
             if unsafe { libc::dup2(from, to) } < 0 {

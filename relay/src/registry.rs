@@ -607,14 +607,15 @@ impl Registry for Sqlite {
             if s.restricted && want != State::Restricted {
                 return Ok(Admission::ModeRefused);
             }
-            let state = if s.state == State::Pending { want } else { s.state };
-            tx.execute(
-                "UPDATE sessions SET state = ?2, host = ?3, user_name = ?4, ips = ?5, client = ?6, last_seen = ?7 \
-                 WHERE id = ?1",
-                params![id, state.as_str(), hello.host, hello.user, hello.ips, hello.client, now],
-            )?;
-            let what = if s.state == State::Pending { "connected" } else { "reconnected" };
-            Sqlite::record_in(tx, id, "customer", what, &format!("mode={} host={}", hello.mode, hello.host), now)?;
+            // The first customer's hello describes the session. A live session's broker decides
+            // whether a later hello is a reconnect or a second customer (busy), and records which.
+            if s.state == State::Pending {
+                tx.execute(
+                    "UPDATE sessions SET state = ?2, host = ?3, user_name = ?4, ips = ?5, client = ?6, last_seen = ?7 \
+                     WHERE id = ?1",
+                    params![id, want.as_str(), hello.host, hello.user, hello.ips, hello.client, now],
+                )?;
+            }
             let s = Sqlite::get_in(tx, id)?.ok_or_else(|| Error("admitted session vanished".into()))?;
             Ok(Admission::Admitted(Box::new(s)))
         })
@@ -856,7 +857,7 @@ mod tests {
         assert!(r.update(&l.id, &Update::State(State::Ended), 1100).is_err());
         r.record(&l.id, "alice", "chat", "12 bytes", 1101).unwrap();
         let ev = r.events(&l.id).unwrap();
-        assert_eq!(ev.iter().map(|e| e.what.as_str()).collect::<Vec<_>>(), ["created", "connected", "chat"]);
+        assert_eq!(ev.iter().map(|e| e.what.as_str()).collect::<Vec<_>>(), ["created", "chat"]);
 
         // The pending one past its expiry and the live one idle since 1000 go; the recent one stays.
         let mut gone = r.expire(1500, 450).unwrap();

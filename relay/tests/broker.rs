@@ -29,8 +29,11 @@ impl Drop for Dir {
 #[derive(Clone, Default)]
 struct Sink(Arc<Mutex<Vec<String>>>);
 impl SessionSink for Sink {
-    fn connected(&mut self, h: &Hello, state: &str) {
-        self.0.lock().unwrap().push(format!("connected {} {state}", h.host));
+    fn connected(&mut self, h: &Hello, state: &str, how: &str) {
+        self.0.lock().unwrap().push(format!("connected {} {state} {how}", h.host));
+    }
+    fn refused(&mut self, h: &Hello, code: &str) {
+        self.0.lock().unwrap().push(format!("refused {} {code}", h.host));
     }
     fn state(&mut self, s: &str) {
         self.0.lock().unwrap().push(format!("state {s}"));
@@ -256,7 +259,7 @@ fn fan_out_in_order_to_every_viewer() {
     let vl = late.wait_prefix("VIEWERS 4 ");
     assert!(vl.contains("names=root%2Croot%2Croot%2Croot"), "{vl}");
     c.wait_prefix("REFRESH");
-    assert!(s.sink.0.lock().unwrap().iter().any(|e| e == "connected node1 share"));
+    assert!(s.sink.0.lock().unwrap().iter().any(|e| e == "connected node1 share connected"));
     let rec = std::fs::read_to_string(s.dir.0.join("rec.cast")).unwrap();
     assert!(rec.starts_with("{") && rec.contains("\"line 1999\\n\""), "recording");
     assert!(s.audit().contains("\"ev\":\"join\""));
@@ -457,9 +460,20 @@ fn takeover_busy_and_link_state() {
     assert!(v.wait_eof());
     let mut s = s;
     assert!(s.wait_ended());
-    assert!(s.sink.0.lock().unwrap().iter().any(|e| e.starts_with("ended ")));
+    let seen: Vec<String> = s.sink.0.lock().unwrap().iter().filter(|e| !e.starts_with("viewers ")).cloned().collect();
+    assert_eq!(
+        seen[..4],
+        [
+            "connected node1 share connected",
+            "refused node1 busy",
+            "connected node1 share takeover",
+            "connected node1 share reconnected"
+        ],
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|e| e.starts_with("ended ")));
     let audit = s.audit();
-    for ev in ["takeover", "link-down", "link-up", "bye", "end"] {
+    for ev in ["takeover", "refused", "link-down", "link-up", "bye", "end"] {
         assert!(audit.contains(&format!("\"ev\":\"{ev}\"")), "{ev}: {audit}");
     }
 }

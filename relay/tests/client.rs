@@ -154,39 +154,6 @@ fn a_certificate_kept_after_its_session_ends_gets_the_contracts_error() {
     assert!(got.starts_with("ERROR code=expired "), "{got}");
 }
 
-/// Runs `ssh` logging in by keyboard-interactive with `answer` (askpass), sending `hello` as the
-/// command; the relay's first line (or ssh's stderr when there is none).
-fn ki_first_line(relay: &Relay, scratch: &Scratch, answer: &str, hello: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let kh = scratch.path().join("known_hosts");
-    std::fs::write(&kh, format!("@cert-authority [127.0.0.1]:{} {}\n", relay.port(), relay.ca_pubkey())).unwrap();
-    let askpass = scratch.path().join("askpass.sh");
-    std::fs::write(&askpass, format!("#!/bin/sh\necho {answer}\n")).unwrap();
-    std::fs::set_permissions(&askpass, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let mut child = Command::new("ssh")
-        .args(["-F", "/dev/null", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes"])
-        .args(["-o", "PreferredAuthentications=keyboard-interactive", "-o", "NumberOfPasswordPrompts=1"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", kh.display()))
-        .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", hello])
-        .env("SSH_ASKPASS", &askpass)
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        line.trim_end(),
-        if line.is_empty() { String::from_utf8_lossy(&out.stderr).into_owned() } else { String::new() }
-    )
-}
-
 #[test]
 fn a_keyboard_interactive_login_opens_only_the_session_it_answered_for() {
     let relay = relay();

@@ -279,6 +279,13 @@ fn a_whole_session_through_the_commands() {
     assert_eq!(customer.exit(), Some(0), "the replaced link ends");
     join.wait(|l| l == "LINK state=down");
     join.wait(|l| l == "LINK state=up");
+    // Each is recorded as what it was: the busy one is no reconnect, the resume a takeover.
+    let ev: Vec<String> = root.reg().events(&sid).unwrap().iter().map(|e| format!("{} {}", e.what, e.detail)).collect();
+    assert!(ev.iter().any(|e| e.starts_with("refused busy")), "{ev:?}");
+    assert!(ev.iter().any(|e| e.starts_with("takeover ")), "{ev:?}");
+    assert!(!ev.iter().any(|e| e.starts_with("reconnected")), "{ev:?}");
+    let log = std::fs::read_to_string(root.layout.audit().join(format!("{sid}.log"))).unwrap();
+    assert!(log.lines().any(|l| l.contains(&format!(" warn customer-refused id={sid} code=busy "))), "{log}");
 
     // An upgrade: the one-shot command waits for the customer's answer.
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl eng";

@@ -14,6 +14,7 @@ use std::time::Instant;
 use common::*;
 use relay_double::{SupportKey, TargetSshd, support_login};
 use tunl_relay::harness::{Relay, SupportUser, client_binary, wait_until};
+use tunl_relay::registry::Registry;
 use tunl_wire as wire;
 
 /// The customer: the real client in a 160x48 terminal (an outer tmux), a plain `sh` as the shell.
@@ -145,8 +146,12 @@ impl Join {
         self.stdin.flush().unwrap();
     }
 
+    /// Reads lines until `pred(line, output)` holds. `output` is the shell output since the join on
+    /// the first call of a wait, then only its tail (what the last line added, and a little before):
+    /// scanning all of it for every line made a 16 MB test quadratic, minutes long.
     fn wait(&mut self, secs_: u64, pred: impl Fn(&str, &[u8]) -> bool) -> Option<String> {
         let d = secs(secs_);
+        let mut from: usize = 0;
         loop {
             let l = self.rx.recv_timeout(d.saturating_duration_since(Instant::now())).ok()?;
             if let Some(p) = l.strip_prefix("O ")
@@ -154,10 +159,20 @@ impl Join {
             {
                 self.output.extend_from_slice(&b);
             }
-            self.seen.push(l.clone());
-            if pred(&l, &self.output) {
+            // Big outputs are not kept whole: only their tail is ever looked at again.
+            if self.output.len() > 8 << 20 {
+                let cut = self.output.len() - (1 << 20);
+                self.output.drain(..cut);
+                from = from.saturating_sub(cut);
+            }
+            if self.seen.len() > 1000 {
+                self.seen.drain(..500);
+            }
+            self.seen.push(if l.len() > 200 { format!("{}...", &l[..200]) } else { l.clone() });
+            if pred(&l, &self.output[from.min(self.output.len())..]) {
                 return Some(l);
             }
+            from = self.output.len().saturating_sub(256);
         }
     }
 
@@ -346,17 +361,25 @@ fn tunnel_granted_used_and_revoked() {
     assert_eq!(cust.exit_status(60), Some(0));
 }
 
-#[test]
-#[ignore = "slow on a loaded machine (tens of MB through the customer's tmux): run with --ignored; the same \
-            behaviour is covered at the socket level in tests/broker.rs and tests/commands.rs"]
-fn misbehaving_engineers_and_a_second_customer() {
+/// A live session with one engineer, for the misbehaviour tests.
+fn live_session(tag: &str) -> (Relay, SupportUser, String, Customer) {
     let mut relay = relay();
     let eng = relay.add_support_user().unwrap();
-    let (id, token) = relay.create_session("E2E-BAD", false);
+    let (id, token) = relay.create_session(tag, false);
     let cust = Customer::start(&relay, &id, &["--token", &token], &[]);
     let (x, ok) = support(&relay, &eng, &format!("tunl-support/1 expect id={id} timeout=60"));
     assert!(ok, "{x:?}\n{}", relay.log_text());
-    assert!(cust.wait_screen(30, |s| s.contains("[SHELL]")));
+    assert!(cust.wait_screen(30, |s| s.contains("[SHELL]")), "{}", cust.screen());
+    (relay, eng, id, cust)
+}
+
+fn session_log(relay: &Relay, id: &str) -> String {
+    std::fs::read_to_string(relay.layout.audit().join(format!("{id}.log"))).unwrap_or_default()
+}
+
+#[test]
+fn misbehaving_engineers_are_answered_and_dropped() {
+    let (relay, eng, id, cust) = live_session("E2E-BAD");
 
     // Garbage commands: one ERR line each, nothing else.
     for c in ["rm -rf /", "tunl-support/1 join id=../../x ro=0", "tunl-support/9 list"] {
@@ -387,26 +410,36 @@ fn misbehaving_engineers_and_a_second_customer() {
         .wait(300, |_, o| contains(o, "BIG-23"))
         .unwrap_or_else(|| panic!("the reading viewer stalled: {}", noisy.diag()));
     assert!(cust.wait_screen(60, |s| s.contains("BIG-23")));
-    let dropped = wait_until(secs(60), || {
-        std::fs::read_to_string(relay.layout.audit().join(format!("{id}.log")))
-            .is_ok_and(|l| l.contains("dropping slow viewer"))
-    });
-    assert!(dropped, "the stuck viewer was not dropped");
+    let dropped = wait_until(secs(60), || session_log(&relay, &id).contains(" warn viewer-dropped "));
+    assert!(dropped, "the stuck viewer was not dropped\n{}", session_log(&relay, &id));
     assert!(cust.wait_screen(30, |s| s.contains("viewers: 1 ") || s.contains("viewers 1 ")), "{}", cust.screen());
     let _ = stuck.0.kill();
-
-    // A second customer claiming the session is refused busy; the first stays.
-    let scratch = Scratch::new("e2e-second");
-    let mut second = Client::start(&relay, &id, &[], &[], &scratch);
-    let busy = wait_until(secs(60), || {
-        std::fs::read_to_string(relay.layout.audit().join(format!("{id}.log"))).is_ok_and(|l| l.contains("busy"))
-    });
-    assert!(busy, "no busy refusal\n{}\n{}", second.diag(), relay.log_text());
-    let _ = second.child.kill();
-    let _ = second.wait(secs(5));
     noisy.send(&format!("K {}", wire::b64(b"echo STILL-$((1+1))\r")));
     noisy.wait(30, |_, o| contains(o, "STILL-2")).unwrap_or_else(|| panic!("{}", noisy.diag()));
+}
 
+#[test]
+fn a_second_customer_is_refused_busy_and_the_first_goes_on() {
+    let (relay, eng, id, cust) = live_session("E2E-TWO");
+    let mut join = Join::start(&relay, &eng, &id, false);
+    join.wait(30, |l, _| l.starts_with("JOINED ")).unwrap_or_else(|| panic!("{}", join.diag()));
+
+    // The same session ID from a second customer (keyboard-interactive with the ID, resume=0;
+    // a second real client on this host would stop at its own lock first).
+    let scratch = Scratch::new("e2e-second");
+    let hello = format!(
+        "linbit-tunl/1 id={id} mode=share host=other user=root ips=10.0.0.2 case= client=0.1 size=80x24 resume=0"
+    );
+    let got = ki_first_line(&relay, &scratch, &id, &hello);
+    assert!(got.starts_with("ERROR code=busy "), "{got}\n{}", relay.log_text());
+    let log = session_log(&relay, &id);
+    assert!(log.lines().any(|l| l.contains(&format!(" warn customer-refused id={id} code=busy "))), "{log}");
+    let ev = relay.registry().events(&id).unwrap();
+    assert!(ev.iter().any(|e| e.what == "refused" && e.detail.starts_with("busy")), "{ev:?}");
+    assert!(!ev.iter().any(|e| e.what == "reconnected"), "{ev:?}");
+
+    join.send(&format!("K {}", wire::b64(b"echo STILL-$((1+1))\r")));
+    join.wait(30, |_, o| contains(o, "STILL-2")).unwrap_or_else(|| panic!("{}", join.diag()));
     let (x, ok) = support(&relay, &eng, &format!("tunl-support/1 close id={id} reason=done"));
     assert!(ok, "{x:?}");
     assert_eq!(cust.exit_status(60), Some(0));
