@@ -299,7 +299,21 @@ fn init_with(opts: &InitOpts, binary: PathBuf) -> io::Result<()> {
 
     // Configuration, sshd_config, PAM service, the sshd symlink, systemd units.
     say(write_file(&l.config_file(), cfg.render().as_bytes(), 0o644, root_ids)?, &l.config_file());
-    let conf = sshd::render_sshd_config(&cfg, &l);
+    // The PAM service reaches sshd by its program name before OpenSSH 9.8, by an option after.
+    let version = sshd::installed_version(Path::new(crate::SSHD));
+    let pam_by = sshd::PamSelection::for_version(version);
+    let shown = version.map_or_else(|| "of unknown version".to_string(), |(a, b)| format!("{a}.{b}"));
+    match pam_by {
+        sshd::PamSelection::Option => println!(
+            "sshd     OpenSSH {shown}: PAM service {} set by PAMServiceName (sshd-session authenticates)",
+            cfg.pam_service
+        ),
+        sshd::PamSelection::ProgramName => println!(
+            "sshd     OpenSSH {shown}: PAM service {} selected by the program name (the symlink below)",
+            cfg.pam_service
+        ),
+    }
+    let conf = sshd::render_sshd_config(&cfg, &l, pam_by);
     say(write_file(&l.sshd_config(), conf.as_bytes(), 0o644, root_ids)?, &l.sshd_config());
     let pam = l.pam_file(&cfg.pam_service);
     say(write_file(&pam, sshd::render_pam(&cfg, &l).as_bytes(), 0o644, root_ids)?, &pam);

@@ -1,6 +1,6 @@
 //! `tunl-relay serve`: the sshd instance and the API in the foreground, for tests and the demo
 //! (production runs them as systemd units). It becomes a child subreaper, so the per-connection sshd
-//! processes and the double-forked brokers stay its descendants; on SIGINT, SIGTERM or SIGHUP, or
+//! processes and the brokers that outlive them stay its descendants; on SIGINT, SIGTERM or SIGHUP, or
 //! when sshd or the API ends, it ends every descendant, removes the PAM service it installed, and
 //! returns.
 

@@ -21,7 +21,45 @@ pub fn plain_path(p: &Path) -> bool {
     p.to_str().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && !b"\"'\\#".contains(&b)))
 }
 
-pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
+/// How the instance's sshd is told its PAM service. OpenSSH before 9.8 names the service after its
+/// program (`__progname`), so the instance runs through a symlink named after the service;
+/// 9.8 moved authentication into `sshd-session`, whose name is fixed, and added `PAMServiceName`
+/// (default `sshd`), which older versions refuse as a bad option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PamSelection {
+    ProgramName,
+    Option,
+}
+
+impl PamSelection {
+    pub fn for_version(v: Option<(u32, u32)>) -> PamSelection {
+        match v {
+            Some(v) if v >= (9, 8) => PamSelection::Option,
+            _ => PamSelection::ProgramName,
+        }
+    }
+}
+
+/// The version in `sshd -V`'s banner (`OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL ...`; pure, tested).
+pub fn openssh_version(banner: &str) -> Option<(u32, u32)> {
+    let rest = banner.split_whitespace().find_map(|w| w.strip_prefix("OpenSSH_"))?;
+    let mut it = rest.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// The installed sshd's version (`sshd -V` prints its banner on stderr and exits 0 since 9.x;
+/// older ones print usage and the banner, which is parsed the same).
+pub fn installed_version(sshd: &Path) -> Option<(u32, u32)> {
+    let o = std::process::Command::new(sshd).arg("-V").stdin(std::process::Stdio::null()).output().ok()?;
+    openssh_version(&String::from_utf8_lossy(&o.stderr))
+        .or_else(|| openssh_version(&String::from_utf8_lossy(&o.stdout)))
+}
+
+pub fn render_sshd_config(cfg: &Config, layout: &Layout, pam: PamSelection) -> String {
+    let pam_line = match pam {
+        PamSelection::Option => format!("PAMServiceName {}\n", cfg.pam_service),
+        PamSelection::ProgramName => String::new(),
+    };
     format!(
         "# The tunl-relay sshd instance, written by `tunl-relay init` (rewritten on every init).\n\
          # The host's own sshd does not read this file.\n\
@@ -37,6 +75,7 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
          KbdInteractiveAuthentication no\n\
          PermitEmptyPasswords no\n\
          UsePAM yes\n\
+         {pam_line}\
          PermitRootLogin no\n\
          AllowGroups {cust} {group}\n\
          PermitTTY no\n\
@@ -87,6 +126,7 @@ pub fn render_sshd_config(cfg: &Config, layout: &Layout) -> String {
          \tPermitTTY no\n",
         port = cfg.port,
         listen = cfg.listen,
+        pam_line = pam_line,
         hk = layout.host_key().display(),
         hc = layout.host_cert().display(),
         pid = layout.sshd_pid().display(),
@@ -201,8 +241,9 @@ mod tests {
 
     #[test]
     fn sshd_config_confines_both_kinds_of_account() {
-        let c = render_sshd_config(&Config::sample(), &Layout::new("/"));
+        let c = render_sshd_config(&Config::sample(), &Layout::new("/"), PamSelection::ProgramName);
         assert!(c.contains("Port 2222\n"));
+        assert!(!c.contains("PAMServiceName"), "OpenSSH before 9.8 refuses the option");
         let (global, rest) = c.split_once("Match User tunl\n").unwrap();
         let (customer, support) = rest.split_once("Match Group tunl-support\n").unwrap();
         for no in ["X11Forwarding no", "AllowAgentForwarding no", "PermitTTY no", "AllowTcpForwarding no"] {
@@ -215,6 +256,22 @@ mod tests {
         assert!(support.contains("\tForceCommand exec /usr/local/bin/tunl-relay support\n"));
         assert!(support.contains("\tPermitOpen 127.0.0.1:*\n\tPermitListen none\n"));
         assert!(!support.contains("KbdInteractive"), "support logs in with keys only");
+    }
+
+    #[test]
+    fn openssh_9_8_and_later_are_told_the_pam_service_by_option() {
+        assert_eq!(openssh_version("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.22 25 Aug 2026"), Some((9, 2)));
+        assert_eq!(openssh_version("OpenSSH_9.8p1, OpenSSL 3.3.1"), Some((9, 8)));
+        assert_eq!(openssh_version("OpenSSH_10.0p2 Ubuntu-5ubuntu5"), Some((10, 0)));
+        assert_eq!(openssh_version("unknown option -- V\nusage: sshd"), None);
+        assert_eq!(PamSelection::for_version(Some((9, 7))), PamSelection::ProgramName);
+        assert_eq!(PamSelection::for_version(None), PamSelection::ProgramName);
+        for v in [(9, 8), (9, 9), (10, 0)] {
+            assert_eq!(PamSelection::for_version(Some(v)), PamSelection::Option);
+        }
+        let c = render_sshd_config(&Config::sample(), &Layout::new("/"), PamSelection::Option);
+        let (global, _) = c.split_once("Match User").unwrap();
+        assert!(global.contains("UsePAM yes\nPAMServiceName tunl-relay-sshd\n"), "{global}");
     }
 
     #[test]

@@ -50,6 +50,16 @@ fn init_is_idempotent_and_sets_owners_and_modes() {
         }
     }
     assert!(text.contains("relay CA for client releases (keys/relay-ca.pub): ssh-ed25519 "), "{text}");
+    // How the PAM service reaches this host's sshd, said and done according to its version.
+    let v = tunl_relay::sshd::installed_version(std::path::Path::new(tunl_relay::SSHD)).expect("sshd -V");
+    let conf = std::fs::read_to_string(l.sshd_config()).unwrap();
+    if v >= (9, 8) {
+        assert!(text.contains(&format!("PAM service {} set by PAMServiceName", cfg.pam_service)), "{text}");
+        assert!(conf.contains(&format!("\nPAMServiceName {}\n", cfg.pam_service)), "{conf}");
+    } else {
+        assert!(text.contains(&format!("PAM service {} selected by the program name", cfg.pam_service)), "{text}");
+        assert!(!conf.contains("PAMServiceName"), "{conf}");
+    }
 
     let cust = tunl_relay::accounts::user(&cfg.customer_user).unwrap();
     let support = tunl_relay::accounts::group_gid(&cfg.support_group).unwrap();
