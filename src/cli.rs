@@ -453,19 +453,21 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: &[(String, String)])
     })))
 }
 
-/// The home directory of the tunnel user: from /etc/passwd, or $HOME when the user is ourselves.
+/// The home directory of the tunnel user: from /etc/passwd, or $HOME when the user is ourselves;
+/// absolute, or none.
 fn home_of(user: &str, env: &[(String, String)]) -> Option<PathBuf> {
     if let Ok(pw) = std::fs::read_to_string("/etc/passwd") {
         for line in pw.lines() {
             let f: Vec<&str> = line.split(':').collect();
-            if f.len() >= 7 && f[0] == user && !f[5].is_empty() {
+            if f.len() >= 7 && f[0] == user && f[5].starts_with('/') {
                 return Some(PathBuf::from(f[5]));
             }
         }
     }
     let me = getenv(env, "USER").or(getenv(env, "LOGNAME"));
     match (me, getenv(env, "HOME")) {
-        (Some(me), Some(h)) if me == user && !h.is_empty() => Some(PathBuf::from(h)),
+        // Only an absolute home names one file for the launcher and the daemon alike (F22).
+        (Some(me), Some(h)) if me == user && h.starts_with('/') => Some(PathBuf::from(h)),
         _ => None,
     }
 }
@@ -839,6 +841,18 @@ mod props {
             "(?s).{0,16}",
         ];
         (key, value).prop_map(|(k, v)| (k.to_string(), v))
+    }
+
+    /// Found by the fuzz target `cli_env`: a relative `$HOME` (for a user not in /etc/passwd) gave
+    /// a relative authorized_keys path, which the launcher and the daemon, in different
+    /// directories, would take for two files (F22).
+    #[test]
+    fn a_relative_home_is_no_home() {
+        for home in ["otro/", ".", "home/rooot"] {
+            let env = vec![("USER".to_string(), "rooot".to_string()), ("HOME".to_string(), home.to_string())];
+            let e = parse([OsString::from("swift-fox-jumps-barrel")], &env).unwrap_err();
+            assert!(e.0.contains("cannot find the home directory of 'rooot'"), "{home}: {e}");
+        }
     }
 
     proptest! {
