@@ -207,6 +207,14 @@ bench:
     cargo test --release -p tunl --test bench -- --ignored --nocapture --test-threads=1
     cargo test --release -p tunl-relay --test idle -- --ignored --nocapture
 
+# Endurance (issue 13): the real client against the test relay for MINUTES while a shell prints at
+# random rates, the relay sends random valid and invalid lines, chat goes both ways, tunnels are
+# granted and revoked and links dropped; then checks keys, processes, files, RSS and fds, and every
+# keystroke. Not part of `just test`. Figures on stdout and in target/soak.txt (see README, Endurance).
+soak MINUTES="10":
+    cargo build -q --workspace --bins
+    TUNL_SOAK_MINUTES={{MINUTES}} cargo test -q --test soak -- --ignored --nocapture
+
 # Install what `just compat` builds the old tmux and OpenSSH releases with. Idempotent.
 compat-setup:
     #!/usr/bin/env bash
