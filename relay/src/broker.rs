@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -228,7 +228,8 @@ impl Broker {
     /// Takes the session's lock (a second broker for the same session exits here), binds both
     /// sockets, opens the audit log.
     pub fn bind(cfg: BrokerConfig, sink: Box<dyn SessionSink>) -> io::Result<Broker> {
-        std::fs::create_dir_all(&cfg.run_dir)?;
+        // Born 0750 so that no chmod is needed below (see there); setgid comes from RUN/s.
+        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(&cfg.run_dir)?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -258,7 +259,15 @@ impl Broker {
         if let Some(g) = cfg.support_gid {
             // Engineers reach support.sock through this directory.
             let _ = rustix::fs::chown(&cfg.run_dir, None, Some(rustix::fs::Gid::from_raw(g)));
-            std::fs::set_permissions(&cfg.run_dir, std::fs::Permissions::from_mode(0o750))?;
+            // A chmod by the customers' account (not in the support group) clears the setgid bit
+            // the directory inherited from RUN/s; without it the sockets of the session's next
+            // broker (a resume after a relay restart) are born in the customers' group and
+            // their chown to the support group fails with EPERM: the customer could never come
+            // back. Change the mode only when it is wrong (a chmod cannot keep setgid for us).
+            let mode = std::fs::metadata(&cfg.run_dir)?.permissions().mode();
+            if mode & 0o777 != 0o750 {
+                std::fs::set_permissions(&cfg.run_dir, std::fs::Permissions::from_mode(0o750 | (mode & 0o2000)))?;
+            }
         }
         let audit = Audit::open(&cfg.audit)?;
         give_group(&cfg.audit, cfg.support_gid);
