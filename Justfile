@@ -14,7 +14,8 @@ setup:
     #!/usr/bin/env bash
     set -euo pipefail
     need=()
-    for p in tmux openssh-server openssh-client socat musl-tools binutils openssl procps curl file asciinema; do
+    # iproute2 and nftables: the link-fault tests (tests/faults.rs) put the relay in a network namespace.
+    for p in tmux openssh-server openssh-client socat musl-tools binutils openssl procps curl file asciinema iproute2 nftables; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
     done
     # The share tests drive a full-screen editor as support would.
