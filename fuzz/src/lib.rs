@@ -27,6 +27,9 @@ pub mod text;
 pub mod tmux;
 #[path = "../../src/tunnel.rs"]
 pub mod tunnel;
+// chat.rs names the grant word from it.
+#[path = "../../src/ui.rs"]
+pub mod ui;
 
 /// The names sessiondir.rs takes from auth.rs; the fuzz targets never touch these files.
 pub mod auth {
