@@ -1,14 +1,19 @@
-//! The daemon: one thread, one poll loop over the ssh master's pipes, the tmux control client, the
-//! control fifo and the signal pipe, with timers for heartbeat, liveness and reconnect.
+//! The daemon: one thread, one poll loop, and the dispatcher between the session's conversations.
+//!
+//! Each conversation has its own module and owns its state: the relay link (`link.rs`: the ssh
+//! master, its queues, liveness and reconnect), the tmux control client (`control.rs`: commands,
+//! replies, the shell pane, screen captures), the tunnel's effects (`grants.rs` over the state
+//! machine in `tunnel.rs`: forward, keys, who asked), the customer's terminal in the foreground
+//! (`console.rs`). The daemon polls their descriptors, the control fifo and the signal pipe, runs
+//! their timers, and carries what one says to the others: a relay line to tmux or the tunnel, a
+//! tmux reply to the relay, what the tunnel says (`Said`) to the relay, the chat pane and the record.
 //!
 //! Everything the relay says is parsed strictly and checked against the customer-side allowlist
 //! before it can act; nothing from the relay reaches a terminal without being neutralised.
 
-use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -17,24 +22,19 @@ use rustix::event::{PollFd, PollFlags};
 
 use crate::cli::Config;
 use crate::console::Console;
+use crate::control::{Control, Happening, PanesSeen, Pending};
+use crate::grants::{Grants, Said};
+use crate::link::{self, Link};
 use crate::marks::{self, Answer, Mark, Who};
-use crate::mux::{self, Mux};
-use crate::proc::{self, Proc};
+use crate::proc;
 use crate::protocol::{self, RelayMsg, Verdict};
 use crate::sessiondir::{Log, SessionDir};
 use crate::signals::{self, SignalPipe};
-use crate::tunnel::{self, Tunnel};
 use crate::{auth, authkeys, recording, ssh, text, tmux, ui};
 
-const PING_AFTER: Duration = Duration::from_secs(15);
-const SILENCE_LIMIT: Duration = Duration::from_secs(45);
-const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Stop reading the shell pane while this much is queued for the relay: a slow link must cost
 /// memory in tmux (which pauses or buffers), never unbounded memory here.
 const OUTQ_HIGH: usize = 4 << 20;
-/// How far (seconds) the control client may fall behind a pane before tmux pauses it (tmux >= 3.2).
-const PAUSE_AFTER_SECS: u32 = 30;
 /// The orderly end must finish within this, or the watchdog kills us.
 pub const WATCHDOG_SECS: u32 = 10;
 /// Every wait of the orderly end draws from this one budget, well inside the watchdog (F21).
@@ -45,20 +45,9 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(7);
 /// lost. While the menu is still on screen tmux ignores the repeated display-menu.
 const POPUP_AGAIN: Duration = Duration::from_secs(5);
 const POPUP_IDLE_SECS: u64 = 5;
-/// At most one screen capture in flight and one SNAP per this interval, however many REFRESH lines
-/// the relay sends (F3): 8 bytes in must not buy 256 KiB out each.
-const SNAP_EVERY: Duration = Duration::from_secs(1);
 /// What one poll wake-up reads from one pipe at most (F4): the other pipes, timers and signals get
 /// their turn even when a producer refills the pipe as fast as we empty it.
 const READ_BUDGET: usize = 256 << 10;
-/// A relay that takes nothing from us for this long is as dead as one that says nothing (F3): it may
-/// keep the link "alive" with PING while our queue towards it stands still.
-const STALL_LIMIT: Duration = SILENCE_LIMIT;
-/// While this much waits for the tmux control client unwritten, or this many commands wait for
-/// their reply, support's keystrokes are dropped (`dropped K reason=tmux-busy`) and the status rows
-/// wait: a tmux that stopped reading must not make our queue grow with each relay line (F3).
-const TMUX_QUEUE_MAX: usize = 1 << 20;
-const TMUX_PENDING_MAX: usize = 4096;
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,67 +71,6 @@ impl End {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum LinkState {
-    Connecting,
-    Up,
-    Down,
-}
-
-struct Link {
-    p: Proc,
-    outq: Vec<u8>,
-    out_off: usize,
-    split: protocol::LineSplitter,
-    errbuf: Vec<u8>,
-    last_tx: Instant,
-    last_rx: Instant,
-    /// When we last sent a PING.
-    last_ping: Instant,
-    started: Instant,
-    /// Since when bytes wait for ssh's stdin without any being taken (F3).
-    stalled_since: Option<Instant>,
-    stdout_eof: bool,
-    stderr_eof: bool,
-}
-
-/// What a reply block from the tmux control client answers, in the order the commands were sent.
-#[derive(Debug)]
-enum Pending {
-    Ignore,
-    Panes,
-    Snap,
-    /// The popup command for this tunnel request, to be sent to the customer's client; `again`: a
-    /// repeat, shown only if the customer is idle.
-    Clients {
-        req: String,
-        cmd: String,
-        again: bool,
-    },
-}
-
-struct TmuxSide {
-    p: Proc,
-    parser: tmux::ControlParser,
-    outq: Vec<u8>,
-    out_off: usize,
-    pending: VecDeque<Pending>,
-    shell: Option<u32>,
-    chat: Option<u32>,
-    size: (u16, u16),
-    features: tmux::Features,
-    eof: bool,
-}
-
-/// Who asked for a tunnel request, and with which keys, for what the customer is shown.
-struct Requester {
-    req: String,
-    n: u32,
-    from: String,
-    /// The keys as `ssh-keygen -lf` prints them.
-    keys: Vec<String>,
-}
-
 pub struct Daemon {
     cfg: Config,
     dir: SessionDir,
@@ -152,42 +80,22 @@ pub struct Daemon {
     log: Log,
     sshlog: Log,
     sig: SignalPipe,
-    link: Option<Link>,
-    state: LinkState,
-    ever_welcomed: bool,
-    attempts: u32,
-    retry_at: Option<Instant>,
-    panes_retry_at: Option<Instant>,
+    /// The relay link (`link.rs`).
+    link: Link,
+    /// The tmux control client (`control.rs`), in the share modes.
+    tmux: Option<Control>,
     popup_again_at: Option<Instant>,
     /// Status rows not sent while tmux was not keeping up; sent once it is.
     status_behind: bool,
-    /// Screen captures: one in flight, the next one wanted, when the last SNAP went out.
-    snap_in_flight: bool,
-    snap_at: Option<Instant>,
-    last_snap: Option<Instant>,
-    ping_n: u64,
-    tmux: Option<TmuxSide>,
     ctl: Option<OwnedFd>,
     ctlbuf: Vec<u8>,
     chat_out: Option<OwnedFd>,
-    tunnel: Tunnel,
-    forward_port: Option<u16>,
-    /// The `ssh -O` clients, run as children of the loop (F20).
-    mux: Mux,
-    /// Granted requests waiting for the forward: their keys are written only once it is up (F7).
-    awaiting: Vec<(String, Vec<String>)>,
+    /// The tunnel's state machine and its effects: forward, keys, who asked (`grants.rs`).
+    grants: Grants,
     viewers: u32,
     note: String,
     rec: Option<recording::Recorder>,
     rec_path: Option<PathBuf>,
-    /// Who asked for which tunnel request, for the customer's messages.
-    requesters: Vec<Requester>,
-    /// The daemon's own number for the next tunnel request (F2).
-    next_ask: u32,
-    /// The support keys in our authorized_keys block (all granted requests of this session).
-    installed: Vec<String>,
-    /// The block in the authorized_keys file: options, renewal, verified removal.
-    keys: authkeys::KeyBlock,
     end: Option<End>,
     /// Why the session ended, for the launcher to print once the customer's terminal is back.
     farewell: String,
@@ -203,9 +111,7 @@ impl Daemon {
         let log = Log::open(&dir.file("debug.log"));
         let sshlog = Log::open(&dir.file("ssh.log"));
         let (host, ips) = ssh::host_context();
-        let tunnel = Tunnel::new(cfg.mode);
-        let mux = Mux::new(&dir.path, &cfg.target_host, cfg.target_port);
-        let keys = authkeys::KeyBlock::for_session(&cfg.authkeys_file, &cfg.session_id, &cfg.target_host, &dir.path);
+        let grants = Grants::new(&cfg, &dir.path);
         Ok(Daemon {
             cfg,
             dir,
@@ -214,34 +120,18 @@ impl Daemon {
             log,
             sshlog,
             sig,
-            link: None,
-            state: LinkState::Down,
-            ever_welcomed: false,
-            attempts: 0,
-            retry_at: None,
-            panes_retry_at: None,
+            link: Link::new(),
+            tmux: None,
             popup_again_at: None,
             status_behind: false,
-            snap_in_flight: false,
-            snap_at: None,
-            last_snap: None,
-            ping_n: 0,
-            tmux: None,
             ctl: None,
             ctlbuf: Vec::new(),
             chat_out: None,
-            tunnel,
-            forward_port: None,
-            mux,
-            awaiting: Vec::new(),
+            grants,
             viewers: 0,
             note: String::new(),
             rec: None,
             rec_path: None,
-            requesters: Vec::new(),
-            next_ask: 1,
-            installed: Vec::new(),
-            keys,
             end: None,
             farewell: String::new(),
             end_why: String::new(),
@@ -259,31 +149,32 @@ impl Daemon {
     }
 
     fn status_row(&mut self) {
-        let link = match self.state {
-            LinkState::Up => "connected",
-            LinkState::Connecting if self.ever_welcomed => "reconnecting",
-            LinkState::Connecting => "connecting",
-            LinkState::Down if self.ever_welcomed => "reconnecting",
-            LinkState::Down => "disconnected",
+        let link = match self.link.state() {
+            link::State::Up => "connected",
+            link::State::Connecting | link::State::Down if self.link.ever_welcomed() => "reconnecting",
+            link::State::Connecting => "connecting",
+            link::State::Down => "disconnected",
         };
         // Both rows fit 80 columns (F1): the session ID is on the status line's left, not here.
-        let asking = if self.tunnel.on_screen().is_some() { ", request waiting" } else { "" };
+        let tunnel = self.grants.tunnel();
+        let asking = if tunnel.on_screen().is_some() { ", request waiting" } else { "" };
+        let (wire, brb) = (tunnel.state().wire(), tunnel.brb());
         let row = format!(
             "relay: {} | viewers: {} | mode: {} | tunnel: {}{asking}{}",
             link,
             self.viewers,
             self.cfg.mode.as_str(),
-            self.tunnel.state().wire(),
-            if self.tunnel.brb() { " | BRB" } else { "" }
+            wire,
+            if brb { " | BRB" } else { "" }
         );
         self.chat_send("S1", row.as_bytes());
         if self.tmux_busy() {
             self.status_behind = true;
         } else if self.tmux.is_some() {
             self.status_behind = false;
-            let brb = if self.tunnel.brb() { " | BRB" } else { "" };
-            let short = format!("{link} | viewers {} | tunnel {}{brb}", self.viewers, self.tunnel.state().wire());
-            let f = self.tmux.as_ref().map(|t| t.features).unwrap_or_else(|| tmux::Features::from_version(None));
+            let brb = if brb { " | BRB" } else { "" };
+            let short = format!("{link} | viewers {} | tunnel {wire}{brb}", self.viewers);
+            let f = self.tmux.as_ref().map(|t| t.features()).unwrap_or_else(|| tmux::Features::from_version(None));
             for cmd in ui::status_commands(&f, &self.cfg, &short) {
                 self.tmux_cmd(&cmd, Pending::Ignore);
             }
@@ -337,16 +228,11 @@ impl Daemon {
         self.mark(Mark::Request { req, from, user: &user, target: &target, keys });
     }
 
-    fn mark_answer(&mut self, req: &str, answer: Answer) {
-        let from = self.requester(req);
-        self.mark(Mark::Answer { req, from: &from, answer });
-    }
-
     // ---- the relay link -------------------------------------------------------------------
 
     fn connect(&mut self) {
-        let resume = self.ever_welcomed;
-        let size = self.tmux.as_ref().map(|t| t.size).unwrap_or((0, 0));
+        let resume = self.link.ever_welcomed();
+        let size = self.tmux.as_ref().map(|t| t.size()).unwrap_or((0, 0));
         let hello = match ssh::hello(&self.cfg, &self.host, &self.ips, size, resume) {
             Ok(h) => h,
             Err(e) => return self.fatal(&e),
@@ -371,22 +257,7 @@ impl Daemon {
             Ok(p) => {
                 // For the launcher's fallback, should this daemon die without its orderly end (F19).
                 let _ = crate::sessiondir::publish(&self.dir.file("ssh.pid"), &format!("{}\n", p.child.id()));
-                let now = Instant::now();
-                self.link = Some(Link {
-                    p,
-                    outq: Vec::new(),
-                    out_off: 0,
-                    split: protocol::LineSplitter::new(),
-                    errbuf: Vec::new(),
-                    last_tx: now,
-                    last_ping: now,
-                    last_rx: now,
-                    started: now,
-                    stalled_since: None,
-                    stdout_eof: false,
-                    stderr_eof: false,
-                });
-                self.state = LinkState::Connecting;
+                self.link.start(p);
                 self.tell(if resume { "reconnecting to the relay" } else { "connecting to the relay" });
             }
             Err(e) => {
@@ -396,35 +267,21 @@ impl Daemon {
         self.status_row();
     }
 
-    /// The queue towards the relay, when the link is up (nothing is queued for a link that is down:
-    /// the SNAP after the next WELCOME resynchronises support).
+    /// The queue towards the relay, when the link is up (see `Link::out`).
     fn out(&mut self) -> Option<&mut Vec<u8>> {
-        if self.state != LinkState::Up {
-            return None;
-        }
-        let l = self.link.as_mut()?;
-        l.last_tx = Instant::now();
-        Some(&mut l.outq)
+        self.link.out()
     }
 
     /// The link is gone (ssh ended, silence, or a refused hello): decide between fatal and retry.
     fn link_lost(&mut self, why: &str) {
-        // ssh closed its end: it is exiting, and its last words (why it failed) may still be in the
-        // stderr pipe. Let it finish (briefly) and read them before judging the failure.
-        if let Some(l) = self.link.as_mut().filter(|l| l.stdout_eof) {
-            proc::wait_exit(&mut l.p.child, Duration::from_secs(2));
-        }
+        // Read ssh's last words (why it failed) before judging the failure.
+        self.link.let_ssh_finish();
         self.on_link_stderr();
-        let Some(mut l) = self.link.take() else { return };
-        let _ = l.p.child.kill();
-        let _ = l.p.child.wait();
-        let was_up = self.state == LinkState::Up;
-        self.state = LinkState::Down;
-        self.forward_port = None;
-        // Grants waiting for a forward of the old master cannot get one: refused, nothing written.
-        self.fail_awaiting();
-        self.mux.reset();
-        self.tunnel.link_lost();
+        if !self.link.exists() {
+            return;
+        }
+        let was_up = self.link.drop_master();
+        self.with_grants(|g| g.link_lost());
         if self.end.is_some() {
             return;
         }
@@ -432,85 +289,39 @@ impl Daemon {
             self.mark(Mark::Disconnected { why });
         }
         self.sshlog.line(&format!("link lost: {why}"));
-        if !self.ever_welcomed {
+        if !self.link.ever_welcomed() {
             let reason = last_ssh_error(&self.dir.file("ssh.log")).unwrap_or_else(|| why.to_string());
             self.fatal(&format!("cannot connect to the relay {}:{}: {reason}", self.cfg.relay, self.cfg.relay_port));
             return;
         }
-        if was_up {
-            self.attempts = 0;
-        }
-        self.schedule_retry();
+        self.link.lost(was_up);
         self.tell(&format!("link to the relay lost ({why}); reconnecting"));
         self.status_row();
     }
 
-    fn schedule_retry(&mut self) {
-        let base = Duration::from_secs(1) * 2u32.saturating_pow(self.attempts.min(5));
-        let base = base.min(BACKOFF_MAX);
-        // Jitter of up to a quarter, so many customers behind one outage do not return in step.
-        let jitter = base.mul_f64(random_fraction() * 0.25);
-        self.attempts += 1;
-        self.retry_at = Some(Instant::now() + base + jitter);
-    }
-
     fn on_link_stdout(&mut self) {
-        let Some(l) = &mut self.link else { return };
-        let fd = l.p.stdout.as_ref().unwrap().as_fd();
-        let mut buf = Vec::new();
-        let eof = proc::read_budget(fd, &mut buf, READ_BUDGET);
-        l.split.push(&buf);
-        if !buf.is_empty() {
-            l.last_rx = Instant::now();
-        }
-        l.stdout_eof = eof;
-        loop {
-            let Some(l) = &mut self.link else { return };
-            let item = match l.split.next_line() {
-                None => break,
-                Some(Ok(line)) => Ok(line.to_vec()),
-                Some(Err(e)) => Err(e),
-            };
+        let read = self.link.read(READ_BUDGET);
+        for item in read.lines {
             match item {
                 Ok(line) => self.on_relay_line(&line),
-                Err(_) => self.sshlog.line("dropped ? reason=line too long"),
+                Err(()) => self.sshlog.line("dropped ? reason=line too long"),
             }
-            if self.end.is_some() {
+            // A line may have ended the session or the link (ERROR): the rest went with it.
+            if self.end.is_some() || !self.link.exists() {
                 return;
             }
         }
-        if eof {
+        if read.eof {
             self.link_lost("the relay closed the connection");
         }
     }
 
     fn on_link_stderr(&mut self) {
-        let Some(l) = &mut self.link else { return };
-        let fd = l.p.stderr.as_ref().unwrap().as_fd();
-        let mut buf = std::mem::take(&mut l.errbuf);
-        let eof = proc::read_budget(fd, &mut buf, READ_BUDGET);
-        l.stderr_eof = eof;
-        let mut rest = &buf[..];
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            let raw = &rest[..i];
-            let line = text::neutralize(raw.strip_suffix(b"\r").unwrap_or(raw), 2000);
-            self.sshlog.line(&format!("ssh: {line}"));
-            rest = &rest[i + 1..];
-        }
-        let keep = if eof && !rest.is_empty() {
-            let line = text::neutralize(rest, 2000);
-            self.sshlog.line(&format!("ssh: {line}"));
-            Vec::new()
-        } else {
-            rest.to_vec()
-        };
-        if let Some(l) = &mut self.link {
-            l.errbuf = keep;
-        }
+        self.link.read_stderr(&mut self.sshlog, READ_BUDGET);
     }
 
     fn on_relay_line(&mut self, line: &[u8]) {
-        let welcomed = self.state == LinkState::Up;
+        let welcomed = self.link.is_up();
         let parsed = protocol::parse_relay_line(line);
         let msg = match parsed {
             Ok(m) => m,
@@ -519,7 +330,7 @@ impl Daemon {
                 return;
             }
         };
-        let verdict = protocol::allowed(&msg, self.cfg.mode, self.tunnel.brb(), welcomed);
+        let verdict = protocol::allowed(&msg, self.cfg.mode, self.grants.tunnel().brb(), welcomed);
         let msg_ok = Ok(msg);
         self.sshlog.line(&protocol::log_line(&msg_ok, if verdict == Verdict::Accept { None } else { Some(verdict) }));
         let Ok(msg) = msg_ok else { return };
@@ -567,12 +378,12 @@ impl Daemon {
                     c.line(&format!("note from support: {note}"));
                 }
             }
-            RelayMsg::Upgrade { req, from, keys } => self.on_upgrade(req, from, keys),
-            RelayMsg::Revoke => {
-                let fx = self.tunnel.relay_revoke();
-                self.apply(fx, protocol::CloseReason::Relay);
-                self.send_state();
+            RelayMsg::Upgrade { req, from, keys } => {
+                let from = text::neutralize(from.as_bytes(), 64);
+                self.mark_request(&req, &from, &fingerprints(&keys));
+                self.with_grants(|g| g.upgrade(req, from, keys));
             }
+            RelayMsg::Revoke => self.with_grants(|g| g.relay_revoke()),
             RelayMsg::Refresh => self.request_snap(),
             RelayMsg::Close { reason } => {
                 let r = text::neutralize(reason.as_bytes(), 200);
@@ -591,17 +402,14 @@ impl Daemon {
     }
 
     fn on_welcome(&mut self, viewers: u32) {
-        self.state = LinkState::Up;
+        let first = self.link.welcomed();
         self.viewers = viewers;
-        self.attempts = 0;
-        let first = !self.ever_welcomed;
-        self.ever_welcomed = true;
         self.tell(&format!("connected to the relay (support viewers: {viewers})"));
         self.mark(if first { Mark::Connected { viewers } } else { Mark::Reconnected { viewers } });
         if first {
             let _ = crate::sessiondir::publish(&self.dir.file("state"), "ready\n");
         }
-        if let Some((c, r)) = self.tmux.as_ref().map(|t| t.size) {
+        if let Some((c, r)) = self.tmux.as_ref().map(|t| t.size()) {
             if let Some(o) = self.out() {
                 protocol::push_size(o, c, r);
             }
@@ -609,9 +417,7 @@ impl Daemon {
         self.send_state();
         self.request_snap();
         // The forward died with the old master: a tunnel that was open, or --tunnel mode, opens again.
-        // Open tunnels are announced again once the new forward is up (`on_mux`).
-        let fx = if first { self.tunnel.connect() } else { self.tunnel.resume() };
-        self.apply(fx, protocol::CloseReason::Ended);
+        self.with_grants(|g| g.welcomed(first));
         self.status_row();
     }
 
@@ -619,19 +425,20 @@ impl Daemon {
         let text = text::neutralize(msg.as_bytes(), 300);
         if code.retryable() {
             self.tell(&format!("relay is busy ({}): {text}; retrying", code.as_str()));
-            if let Some(mut l) = self.link.take() {
-                let _ = l.p.child.kill();
-                let _ = l.p.child.wait();
-            }
-            self.state = LinkState::Down;
-            self.schedule_retry();
+            self.link.drop_master();
+            self.link.schedule_retry();
             return;
         }
         self.fatal(&format!("the relay refused the session ({}): {text}", code.as_str()));
     }
 
     fn send_state(&mut self) {
-        let (t, brb, mode) = (self.tunnel.state(), self.tunnel.brb(), self.cfg.mode);
+        let (t, brb) = (self.grants.tunnel().state(), self.grants.tunnel().brb());
+        self.push_state(t, brb);
+    }
+
+    fn push_state(&mut self, t: crate::tunnel::State, brb: bool) {
+        let mode = self.cfg.mode;
         if let Some(o) = self.out() {
             protocol::push_state(o, t, brb, mode);
         }
@@ -641,76 +448,40 @@ impl Daemon {
 
     fn tmux_cmd(&mut self, cmd: &str, pending: Pending) {
         if let Some(t) = &mut self.tmux {
-            t.outq.extend_from_slice(cmd.as_bytes());
-            t.outq.push(b'\n');
-            t.pending.push_back(pending);
+            t.cmd(cmd, pending);
         }
     }
 
-    /// Whether tmux is behind on our commands (F3): it has not read `TMUX_QUEUE_MAX` bytes of them, or
-    /// not answered `TMUX_PENDING_MAX` of them.
+    /// Whether tmux is behind on our commands (F3, see `Control::busy`).
     fn tmux_busy(&self) -> bool {
-        self.tmux
-            .as_ref()
-            .is_some_and(|t| t.outq.len() - t.out_off >= TMUX_QUEUE_MAX || t.pending.len() >= TMUX_PENDING_MAX)
+        self.tmux.as_ref().is_some_and(|t| t.busy())
     }
 
     fn keys_to_shell(&mut self, bytes: &[u8]) {
-        if self.tmux_busy() {
-            // Typing is interactive: keys that cannot be delivered now are dropped, never hoarded.
-            self.sshlog.line("dropped K reason=tmux-busy");
-            return;
-        }
-        let Some(t) = &self.tmux else {
-            self.sshlog.line("dropped K reason=no-shared-terminal");
-            return;
-        };
-        let Some(pane) = t.shell else { return };
-        for cmd in tmux::send_keys(&t.features, pane, bytes) {
-            self.tmux_cmd(&cmd, Pending::Ignore);
+        match self.tmux.as_mut().map(|t| t.keys(bytes)) {
+            None => self.sshlog.line("dropped K reason=no-shared-terminal"),
+            Some(false) => self.sshlog.line("dropped K reason=tmux-busy"),
+            Some(true) => {}
         }
     }
 
-    /// A SNAP is due. Coalesced (F3): while a capture is in flight or the last SNAP is recent, the
-    /// request only marks one more capture as wanted, taken when its time comes.
     fn request_snap(&mut self) {
-        let now = Instant::now();
-        let due = self.last_snap.map_or(now, |t| t + SNAP_EVERY);
-        if self.snap_in_flight || due > now {
-            self.snap_at = Some(due);
-            return;
+        if let Some(t) = &mut self.tmux {
+            t.want_snap();
         }
-        if let Some(pane) = self.tmux.as_ref().and_then(|t| t.shell) {
-            self.snap_in_flight = true;
-            self.snap_at = None;
-            let f = self.tmux.as_ref().map(|t| t.features).unwrap_or_else(|| tmux::Features::from_version(None));
-            let (cmds, done) = tmux::snap_commands(&f, pane, &self.dir.file("snap").to_string_lossy());
-            for (i, c) in cmds.iter().enumerate() {
-                self.tmux_cmd(c, if i == done { Pending::Snap } else { Pending::Ignore });
-            }
-        }
-    }
-
-    fn snap_done(&mut self) {
-        self.snap_in_flight = false;
-        self.last_snap = Some(Instant::now());
     }
 
     fn list_panes(&mut self) {
-        self.tmux_cmd(&ui::list_panes_command(), Pending::Panes);
+        if let Some(t) = &mut self.tmux {
+            t.list_panes();
+        }
     }
 
     fn on_tmux_stdout(&mut self) {
         let Some(t) = &mut self.tmux else { return };
-        let fd = t.p.stdout.as_ref().unwrap().as_fd();
-        let mut buf = Vec::new();
-        let eof = proc::read_budget(fd, &mut buf, READ_BUDGET);
-        t.parser.push(&buf);
-        t.eof = eof;
-        loop {
-            let Some(t) = &mut self.tmux else { return };
-            let Some(ev) = t.parser.next_event() else { break };
-            self.on_tmux_event(ev);
+        let eof = t.read(READ_BUDGET);
+        while let Some(h) = self.tmux.as_mut().and_then(|t| t.next()) {
+            self.on_tmux(h);
         }
         // The recorder gathers this read's output; one write(2) for all of it (see recording.rs).
         if let Some(Err(e)) = self.rec.as_mut().map(|r| r.flush()) {
@@ -722,12 +493,9 @@ impl Daemon {
         }
     }
 
-    fn on_tmux_event(&mut self, ev: tmux::Event) {
-        match ev {
-            tmux::Event::Output { pane, data } => {
-                if Some(pane) != self.tmux.as_ref().and_then(|t| t.shell) {
-                    return;
-                }
+    fn on_tmux(&mut self, h: Happening) {
+        match h {
+            Happening::Shell(data) => {
                 if let Some(Err(e)) = self.rec.as_mut().map(|r| r.output(&data)) {
                     self.recording_failed(&e);
                 }
@@ -735,36 +503,15 @@ impl Daemon {
                     protocol::push_o(o, &data);
                 }
             }
-            // Replies to the command on tmux's own command line, not to lines we wrote.
-            tmux::Event::End { flags, .. } | tmux::Event::Error { flags, .. } if flags & 1 == 0 => {}
-            ev @ (tmux::Event::End { .. } | tmux::Event::Error { .. }) => {
-                let (ok, body) = match ev {
-                    tmux::Event::End { body, .. } => (true, body),
-                    tmux::Event::Error { body, .. } => (false, body),
-                    _ => unreachable!(),
-                };
-                let pending = self.tmux.as_mut().and_then(|t| t.pending.pop_front()).unwrap_or(Pending::Ignore);
-                if matches!(pending, Pending::Snap) {
-                    self.snap_done();
-                }
-                if !ok {
-                    let b: Vec<String> = body.iter().map(|l| text::neutralize(l, 300)).collect();
-                    self.log.line(&format!("tmux refused a command ({pending:?}): {}", b.join(" / ")));
-                    return;
-                }
-                self.on_tmux_reply(pending, body);
+            Happening::Refused(pending, body) => {
+                let b: Vec<String> = body.iter().map(|l| text::neutralize(l, 300)).collect();
+                self.log.line(&format!("tmux refused a command ({pending:?}): {}", b.join(" / ")));
             }
-            tmux::Event::LayoutChange { .. } => self.list_panes(),
-            tmux::Event::Pause(pane) => {
-                // Output was held back while we were behind: support gets a fresh screen instead.
-                self.log.line(&format!("tmux paused pane %{pane}: the link is slower than the shell"));
-                self.tmux_cmd(&format!("refresh-client -A '%{pane}:continue'"), Pending::Ignore);
-                if Some(pane) == self.tmux.as_ref().and_then(|t| t.shell) {
-                    self.request_snap();
-                }
+            Happening::Reply(pending, body) => self.on_tmux_reply(pending, body),
+            Happening::Paused(pane) => {
+                self.log.line(&format!("tmux paused pane %{pane}: the link is slower than the shell"))
             }
-            tmux::Event::Exit(_) => self.begin_end(End::TmuxGone),
-            _ => {}
+            Happening::Exit => self.begin_end(End::TmuxGone),
         }
     }
 
@@ -772,20 +519,9 @@ impl Daemon {
         match pending {
             Pending::Ignore => {}
             Pending::Panes => {
-                let ui::Panes { shell: found, chat } = ui::parse_panes(&body);
                 let Some(t) = &mut self.tmux else { return };
-                t.chat = chat;
-                let Some((id, w, h)) = found else {
-                    // The launcher may still be tagging the panes: ask again shortly.
-                    if t.shell.is_none() {
-                        self.panes_retry_at = Some(Instant::now() + Duration::from_millis(50));
-                    }
-                    return;
-                };
-                let first = t.shell.is_none();
-                let changed = t.size != (w, h);
-                t.shell = Some(id);
-                t.size = (w, h);
+                // Not yet: the launcher may still be tagging the panes; asked again shortly.
+                let PanesSeen::Shell { first, changed, size: (w, h) } = t.panes(&body) else { return };
                 if first || changed {
                     if let Some(r) = &mut self.rec {
                         if !first {
@@ -798,16 +534,19 @@ impl Daemon {
                 }
                 if first {
                     self.start_recording(w, h);
-                    if self.link.is_none() && !self.ever_welcomed && self.end.is_none() {
-                        self.retry_at = None;
+                    if !self.link.exists() && !self.link.ever_welcomed() && self.end.is_none() {
+                        self.link.connect_at(None);
                         self.connect();
                     }
                 }
             }
             Pending::Snap => {
-                let Some((c, r)) = self.tmux.as_ref().map(|t| t.size) else { return };
+                let Some((c, r, file)) =
+                    self.tmux.as_ref().map(|t| (t.size().0, t.size().1, t.snap_file().to_path_buf()))
+                else {
+                    return;
+                };
                 // The screen comes in a file, not in the reply (see tmux::snap_commands).
-                let file = self.dir.file("snap");
                 let mut saved = Vec::new();
                 let read = std::fs::File::open(&file).and_then(|f| f.take(1 << 20).read_to_end(&mut saved));
                 let _ = std::fs::remove_file(&file);
@@ -843,8 +582,7 @@ impl Daemon {
                     None => {
                         // Nobody to ask: answer the request rather than leave it (and the queue) hanging.
                         self.log.line("no customer client attached to show the tunnel request");
-                        let fx = self.tunnel.abandon(&req);
-                        self.apply(fx, protocol::CloseReason::Revoked);
+                        self.with_grants(|g| g.abandon(&req));
                     }
                 }
             }
@@ -879,105 +617,70 @@ impl Daemon {
 
     // ---- the tunnel -------------------------------------------------------------------------
 
-    fn on_upgrade(&mut self, req: String, from: String, keys: Vec<u8>) {
-        let from_shown = text::neutralize(from.as_bytes(), 64);
-        let shown = fingerprints(&keys);
-        self.mark_request(&req, &from_shown, &shown);
-        // Keys are checked before anyone is asked: a request we could never honour needs no popup.
-        if let Err(e) = authkeys::validate_keys(&keys) {
-            self.log.line(&format!("tunnel request {req} from {from_shown} refused: {e}"));
-            self.mark(Mark::Answer {
-                req: &req,
-                from: &from_shown,
-                answer: Answer::Rejected(protocol::RejectReason::InvalidKey),
-            });
-            if let Some(o) = self.out() {
-                protocol::push_tunnel_rejected(o, &req, protocol::RejectReason::InvalidKey);
-            }
-            return;
+    /// Call into the tunnel's effects and deliver what they said, in order.
+    fn with_grants<R>(&mut self, f: impl FnOnce(&mut Grants) -> R) -> R {
+        self.grants.set_link_up(self.link.is_up());
+        let r = f(&mut self.grants);
+        for said in self.grants.said() {
+            self.deliver(said);
         }
-        let n = self.next_ask;
-        self.next_ask = self.next_ask % 999_999_999 + 1;
-        self.requesters.push(Requester { req: req.clone(), n, from: from_shown.clone(), keys: shown });
-        if self.requesters.len() > 64 {
-            self.requesters.remove(0);
-        }
-        let fx = self.tunnel.upgrade(&req, &from_shown, keys);
-        self.apply(fx, protocol::CloseReason::Revoked);
+        r
     }
 
-    fn requester(&self, req: &str) -> String {
-        self.requesters.iter().rev().find(|r| r.req == req).map(|r| r.from.clone()).unwrap_or_default()
-    }
-
-    /// What the customer is asked for request `req`.
-    fn ask(&self, req: &str) -> Option<ui::Ask> {
-        let r = self.requesters.iter().rev().find(|r| r.req == req)?;
-        Some(ui::Ask {
-            n: r.n,
-            from: r.from.clone(),
-            user: self.cfg.user.clone(),
-            target: format!("{}:{}", self.cfg.target_host, self.cfg.target_port),
-            keys: r.keys.clone(),
-        })
-    }
-
-    /// Carry out what the tunnel state machine decided. `closed_as` names who closed the tunnel.
-    fn apply(&mut self, effects: Vec<tunnel::Effect>, closed_as: protocol::CloseReason) {
-        for fx in effects {
-            match fx {
-                tunnel::Effect::Popup { req, from } => self.popup(&req, &from),
-                tunnel::Effect::Install { req, keys } => self.install(&req, &keys),
-                tunnel::Effect::Reject { req, reason } => {
-                    self.mark_answer(&req, Answer::Rejected(reason));
-                    if reason == protocol::RejectReason::Denied {
-                        let from = self.requester(&req);
-                        self.chat_show(&format!("tunnel request from {from} denied"));
-                    }
-                    if let Some(o) = self.out() {
-                        protocol::push_tunnel_rejected(o, &req, reason);
-                    }
-                }
-                tunnel::Effect::OpenForward => {
-                    if self.forward_port.is_none() {
-                        let out = self.mux.request(mux::Op::Open);
-                        self.on_mux(out);
-                    }
-                }
-                tunnel::Effect::CancelForward => {
-                    if self.forward_port.take().is_some() || self.mux.opening() {
-                        let out = self.mux.request(mux::Op::Cancel);
-                        self.on_mux(out);
-                    }
-                }
-                tunnel::Effect::RemoveKeys => {
-                    if self.remove_keys() {
-                        self.chat_show("tunnel closed: support keys removed");
-                    }
-                }
-                tunnel::Effect::Closed(reason) => {
-                    let reason = if reason == protocol::CloseReason::Revoked { closed_as } else { reason };
-                    self.mark(Mark::Closed(reason));
-                    if let Some(o) = self.out() {
-                        protocol::push_tunnel_closed(o, reason);
-                    }
+    fn deliver(&mut self, said: Said) {
+        match said {
+            Said::Log(line) => self.log.line(&line),
+            Said::Tell(line) => self.tell(&line),
+            Said::Chat(line) => self.chat_show(&line),
+            Said::Ask { req, from } => self.popup(&req, &from),
+            Said::Decision { word, state } => self.mark(Mark::Decision { word: &word, state }),
+            Said::Granted { req, from, port } => {
+                self.mark(Mark::Answer { req: &req, from: &from, answer: Answer::Granted { port } });
+                let user = self.cfg.user.clone();
+                self.chat_show(&format!("tunnel granted to {from}: support can log in as {user}"));
+                if let Some(o) = self.out() {
+                    protocol::push_tunnel_open(o, &req, port, &user);
                 }
             }
+            Said::TunnelOpen { req, port } => {
+                let user = self.cfg.user.clone();
+                if let Some(o) = self.out() {
+                    protocol::push_tunnel_open(o, &req, port, &user);
+                }
+            }
+            Said::TunnelRejected { req, from, reason } => {
+                self.mark(Mark::Answer { req: &req, from: &from, answer: Answer::Rejected(reason) });
+                if let Some(o) = self.out() {
+                    protocol::push_tunnel_rejected(o, &req, reason);
+                }
+            }
+            Said::TunnelClosed(reason) => {
+                self.mark(Mark::Closed(reason));
+                if let Some(o) = self.out() {
+                    protocol::push_tunnel_closed(o, reason);
+                }
+            }
+            Said::ForwardOpen(port) => {
+                self.mark(Mark::ForwardOpen { port });
+                self.tell(&format!("reverse tunnel open on relay port {port}"));
+            }
+            Said::KeysRemoved => self.mark(Mark::KeysRemoved),
+            Said::KeysLeft => self.mark(Mark::KeysLeft),
+            Said::State { tunnel, brb } => self.push_state(tunnel, brb),
+            Said::Status => self.status_row(),
         }
-        self.status_row();
     }
 
     fn popup(&mut self, req: &str, from: &str) {
-        let (Some(features), Some(ask)) = (self.tmux.as_ref().map(|t| t.features), self.ask(req)) else {
+        let (Some(features), Some(ask)) = (self.tmux.as_ref().map(|t| t.features()), self.grants.ask(req)) else {
             // No terminal to ask on (foreground --tunnel after a revoke): nobody can say yes.
             self.tell(&format!("tunnel request from {from} denied: no terminal to confirm it on"));
-            let fx = self.tunnel.answer(req, false);
-            self.apply(fx, protocol::CloseReason::Revoked);
+            self.with_grants(|g| g.deny_unasked(req));
             return;
         };
         // The chat pane says the same as the popup, so a dismissed popup loses nothing.
         let width =
-            self.tmux.as_ref().map_or(ui::SCREEN_COLS, |t| usize::from(t.size.0)).clamp(40, ui::SCREEN_COLS) - 2;
+            self.tmux.as_ref().map_or(ui::SCREEN_COLS, |t| usize::from(t.size().0)).clamp(40, ui::SCREEN_COLS) - 2;
         self.chat_show(&format!("tunnel request {}:", ask.n));
         for line in ui::ask_lines(&ask, width) {
             self.chat_show(&format!("  {line}"));
@@ -995,138 +698,6 @@ impl Daemon {
     fn show_popup(&mut self, req: &str, cmd: String, again: bool) {
         self.popup_again_at = Some(Instant::now() + POPUP_AGAIN);
         self.tmux_cmd(&ui::list_clients_command(), Pending::Clients { req: req.to_string(), cmd, again });
-    }
-
-    /// A granted request. Transactional (F7): the forward comes first, the keys are written only once
-    /// it is up, and `installed` changes only after the file did; a failure at any step leaves the
-    /// file as it was and answers the request `error`.
-    fn install(&mut self, req: &str, keys: &[u8]) {
-        let keys = match authkeys::validate_keys(keys) {
-            Ok(k) => k,
-            Err(_) => {
-                let fx = self.tunnel.failed(req, protocol::RejectReason::InvalidKey);
-                return self.apply(fx, protocol::CloseReason::Revoked);
-            }
-        };
-        if self.forward_port.is_some() {
-            return self.commit_keys(vec![(req.to_string(), keys)]);
-        }
-        if self.state != LinkState::Up || self.awaiting.len() >= tunnel::MAX_QUEUED {
-            // No master to forward through (the link is down), or too many grants in flight.
-            self.log.line(&format!("tunnel request {req}: no forward can be opened now"));
-            let fx = self.tunnel.failed(req, protocol::RejectReason::Error);
-            return self.apply(fx, protocol::CloseReason::Revoked);
-        }
-        self.awaiting.push((req.to_string(), keys));
-        let out = self.mux.request(mux::Op::Open);
-        self.on_mux(out);
-    }
-
-    /// Write the block with the keys of `batch` added, then announce each request.
-    fn commit_keys(&mut self, batch: Vec<(String, Vec<String>)>) {
-        if batch.is_empty() {
-            return;
-        }
-        let Some(port) = self.forward_port else { return self.fail_batch(batch) };
-        let mut all = self.installed.clone();
-        for k in batch.iter().flat_map(|(_, keys)| keys) {
-            // A key granted again (a second request of the same engineer) is in the block once.
-            if !all.contains(k) {
-                all.push(k.clone());
-            }
-        }
-        if let Err(e) = self.keys.write(&all) {
-            self.tell(&format!("cannot install support keys: {e}"));
-            return self.fail_batch(batch);
-        }
-        self.installed = all;
-        let user = self.cfg.user.clone();
-        for (req, _) in batch {
-            self.tunnel.opened(&req);
-            self.mark_answer(&req, Answer::Granted { port });
-            let from = self.requester(&req);
-            self.chat_show(&format!("tunnel granted to {from}: support can log in as {user}"));
-            if let Some(o) = self.out() {
-                protocol::push_tunnel_open(o, &req, port, &user);
-            }
-        }
-        self.send_state();
-        self.status_row();
-    }
-
-    fn fail_batch(&mut self, batch: Vec<(String, Vec<String>)>) {
-        for (req, _) in batch {
-            let fx = self.tunnel.failed(&req, protocol::RejectReason::Error);
-            self.apply(fx, protocol::CloseReason::Revoked);
-        }
-    }
-
-    fn fail_awaiting(&mut self) {
-        let batch = std::mem::take(&mut self.awaiting);
-        self.fail_batch(batch);
-    }
-
-    /// What the finished `ssh -O` clients did.
-    fn on_mux(&mut self, outcomes: Vec<mux::Outcome>) {
-        for o in outcomes {
-            match o {
-                mux::Outcome::Opened(port) if self.mux.cancel_ahead() => {
-                    // Revoked while it was opening: the queued cancel closes it; nothing waits for it.
-                    self.log.line(&format!("reverse tunnel on relay port {port} opened after a revoke: closing"));
-                    self.fail_awaiting();
-                }
-                mux::Outcome::Opened(port) => {
-                    self.forward_port = Some(port);
-                    self.tunnel.forward_opened();
-                    self.mark(Mark::ForwardOpen { port });
-                    self.tell(&format!("reverse tunnel open on relay port {port}"));
-                    // After a reconnect: the tunnels that were open are open again, on the new port.
-                    let user = self.cfg.user.clone();
-                    for req in self.tunnel.open_reqs().to_vec() {
-                        if let Some(o) = self.out() {
-                            protocol::push_tunnel_open(o, &req, port, &user);
-                        }
-                    }
-                    let batch = std::mem::take(&mut self.awaiting);
-                    self.commit_keys(batch);
-                }
-                mux::Outcome::OpenFailed(why) => {
-                    self.log.line(&why);
-                    self.fail_awaiting();
-                    let fx = self.tunnel.forward_failed();
-                    if !fx.is_empty() {
-                        self.tell("the reverse tunnel could not be opened again: support keys removed");
-                    }
-                    self.apply(fx, protocol::CloseReason::Relay);
-                    self.send_state();
-                }
-                mux::Outcome::Cancelled(Some(e)) => self.log.line(&format!("ssh -O cancel failed: {e}")),
-                mux::Outcome::Cancelled(None) => self.log.line("reverse tunnel closed"),
-            }
-        }
-    }
-
-    /// Whether the keys are gone (verified by reading the file again).
-    fn remove_keys(&mut self) -> bool {
-        let had = !std::mem::take(&mut self.installed).is_empty();
-        // On failure the journal stays in the session directory: the launcher tries again at the
-        // end and, if the keys are still there, tells the customer which lines to delete (F12).
-        match self.keys.remove() {
-            Ok(()) => {
-                if had {
-                    self.mark(Mark::KeysRemoved);
-                }
-                true
-            }
-            Err(left) => {
-                self.mark(Mark::KeysLeft);
-                for line in left.message() {
-                    self.log.line(&line);
-                    self.chat_show(&line);
-                }
-                false
-            }
-        }
     }
 
     // ---- control fifo ------------------------------------------------------------------------
@@ -1152,23 +723,17 @@ impl Daemon {
         let words: Vec<&str> = line.split(' ').collect();
         match words.as_slice() {
             ["quit"] => self.begin_end(End::Customer),
-            ["grant"] => {
-                let r = self.tunnel.grant();
-                self.customer_tunnel("grant", r, |t| match t.state() {
-                    tunnel::State::Allowed => "tunnel requests will be granted without asking (Ctrl-b U to undo)",
-                    tunnel::State::Confirm => "tunnel requests unblocked: you will be asked for each",
-                    _ => "tunnel already open",
-                });
+            [word @ ("grant" | "revoke" | "block")] => {
+                // The customer's tunnel decision (Ctrl-b u/U/X or the menu): done, and said.
+                match self.with_grants(|g| g.decide(word)) {
+                    Ok(said) => {
+                        self.chat_show(said);
+                        self.send_state();
+                    }
+                    Err(e) => self.chat_show(e),
+                }
             }
-            ["revoke"] => {
-                let r = self.tunnel.revoke();
-                self.customer_tunnel("revoke", r, |_| "tunnel revoked: each request will be asked for again");
-            }
-            ["block"] => {
-                let r = self.tunnel.block();
-                self.customer_tunnel("block", r, |_| "tunnel requests blocked (Ctrl-b u to unblock)");
-            }
-            ["brb"] => match self.tunnel.set_brb(true) {
+            ["brb"] => match self.grants.set_brb(true) {
                 Ok(()) => {
                     self.mark(Mark::Brb(true));
                     self.chat_show("BRB: support keystrokes are paused; /back to resume");
@@ -1178,8 +743,8 @@ impl Daemon {
                 Err(e) => self.chat_show(e),
             },
             ["back"] => {
-                if self.tunnel.brb() {
-                    let _ = self.tunnel.set_brb(false);
+                if self.grants.tunnel().brb() {
+                    let _ = self.grants.set_brb(false);
                     self.mark(Mark::Brb(false));
                     self.chat_show("back: support can type again");
                     self.send_state();
@@ -1199,17 +764,13 @@ impl Daemon {
             ["answer", n, verdict @ ("grant" | "deny")] => {
                 // The popup names the request by our own number (F2); an unknown number does nothing.
                 let n = n.parse::<u32>().ok();
-                let req = self.requesters.iter().rev().find(|r| Some(r.n) == n).map(|r| r.req.clone());
-                let Some(req) = req else {
-                    return self.log.line("ctl: answer for an unknown request dropped");
-                };
-                let fx = self.tunnel.answer(&req, *verdict == "grant");
-                self.apply(fx, protocol::CloseReason::Revoked);
-                self.send_state();
+                self.with_grants(|g| g.answer(n, *verdict == "grant"));
             }
             ["respawn"] => {
                 // Ctrl-b L: tmux already re-applied the layout; bring back a chat pane that died.
-                if let Some((shell, chat, f)) = self.tmux.as_ref().and_then(|t| Some((t.shell?, t.chat, t.features))) {
+                if let Some((shell, chat, f)) =
+                    self.tmux.as_ref().and_then(|t| Some((t.shell()?, t.chat(), t.features())))
+                {
                     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("linbit-tunl"));
                     for cmd in ui::reset_layout_commands(shell, chat, &exe, &self.dir.path, &f) {
                         self.tmux_cmd(&cmd, Pending::Ignore);
@@ -1221,24 +782,6 @@ impl Daemon {
         }
     }
 
-    /// Carry out the customer's tunnel decision (Ctrl-b u/U/X or the menu) and tell them what it did.
-    fn customer_tunnel(
-        &mut self,
-        word: &str,
-        r: Result<Vec<tunnel::Effect>, &'static str>,
-        said: fn(&Tunnel) -> &'static str,
-    ) {
-        match r {
-            Ok(fx) => {
-                self.mark(Mark::Decision { word, state: self.tunnel.state() });
-                self.apply(fx, protocol::CloseReason::Revoked);
-                self.chat_show(said(&self.tunnel));
-                self.send_state();
-            }
-            Err(e) => self.chat_show(e),
-        }
-    }
-
     // ---- ending -------------------------------------------------------------------------------
 
     fn fatal(&mut self, msg: &str) {
@@ -1246,7 +789,7 @@ impl Daemon {
         if self.end_why.is_empty() {
             self.end_why = msg.to_string();
         }
-        if !self.ever_welcomed {
+        if !self.link.ever_welcomed() {
             let _ = crate::sessiondir::publish(&self.dir.file("state"), &format!("failed {msg}\n"));
         }
         self.begin_end(End::Fatal);
@@ -1264,13 +807,7 @@ impl Daemon {
         signals::arm_watchdog(WATCHDOG_SECS);
         let deadline = Instant::now() + SHUTDOWN_LIMIT;
         self.log.line(&format!("ending: {end:?}"));
-        if self.tunnel.state() == tunnel::State::Active {
-            self.mark(Mark::Closed(protocol::CloseReason::Ended));
-            if let Some(o) = self.out() {
-                protocol::push_tunnel_closed(o, protocol::CloseReason::Ended);
-            }
-        }
-        let _ = self.remove_keys();
+        self.with_grants(|g| g.end());
         let bye = match end {
             End::RelayClose => Some(protocol::ByeReason::RelayClose),
             End::Signal(_) | End::TmuxGone => Some(protocol::ByeReason::Signal),
@@ -1283,28 +820,16 @@ impl Daemon {
             }
         }
         // The forward dies with the master: no `-O cancel`, and a mux client still running goes.
-        self.mux.reset();
-        self.flush_link(deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2)));
-        if let Some(mut l) = self.link.take() {
-            // BYE is out: the master may go. Closing its stdin ends it; a master that lingers (a
-            // relay that keeps the channel open) gets SIGTERM, then SIGKILL, within the budget.
-            drop(l.p.stdin.take());
-            let left = || deadline.saturating_duration_since(Instant::now());
-            if proc::wait_exit(&mut l.p.child, left().min(Duration::from_secs(1))).is_none() {
-                if let Some(pid) = rustix::process::Pid::from_raw(l.p.child.id() as i32) {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-                }
-                proc::wait_exit(&mut l.p.child, left().min(Duration::from_secs(1)));
-            }
-            let _ = l.p.child.kill();
-            let _ = l.p.child.wait();
-        }
+        self.grants.stop_mux();
+        self.link.flush(deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(2)));
+        // BYE is out: the master may go.
+        self.link.close(deadline);
         let why = std::mem::take(&mut self.end_why);
         self.mark(Mark::End { end, why: &why });
         if let Some(r) = self.rec.take() {
             let _ = r.finish();
         }
-        if !self.ever_welcomed {
+        if !self.link.ever_welcomed() {
             // A session that never connected showed nobody anything: no recording of it stays.
             if let Some(p) = self.rec_path.take() {
                 let _ = std::fs::remove_file(&p);
@@ -1317,34 +842,14 @@ impl Daemon {
             &self.dir.file("exit"),
             &format!("{}\n{}\n{}\n", end.status(), rec, self.farewell),
         );
-        if let Some(mut t) = self.tmux.take() {
-            drop(t.p.stdin.take());
-            let _ = t.p.child.kill();
-            let _ = t.p.child.wait();
+        if let Some(t) = self.tmux.take() {
+            t.close();
         }
         if let Some(c) = &mut self.console {
             // What the terminal has not taken by then is lost: the budget is for the keys, not for it.
             c.flush_until(deadline.min(Instant::now() + Duration::from_secs(1)));
         }
         end
-    }
-
-    fn flush_link(&mut self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while let Some(l) = &mut self.link {
-            if l.out_off >= l.outq.len() || Instant::now() >= deadline {
-                break;
-            }
-            let Some(stdin) = &l.p.stdin else { break };
-            if proc::write_some(stdin.as_fd(), &l.outq, &mut l.out_off).is_err() {
-                break;
-            }
-            if l.out_off < l.outq.len() {
-                let fd = stdin.as_fd();
-                let mut pfd = [PollFd::new(&fd, PollFlags::OUT)];
-                let _ = rustix::event::poll(&mut pfd, Some(&ts(Duration::from_millis(50))));
-            }
-        }
     }
 
     // ---- the loop -------------------------------------------------------------------------------
@@ -1357,36 +862,7 @@ impl Daemon {
         features: tmux::Features,
         first: &[String],
     ) -> Result<(), String> {
-        let mut cmd = Command::new("tmux");
-        cmd.arg("-S").arg(sock).env_remove("TMUX").args(["-C", "attach-session"]);
-        if features.ignore_size {
-            // A control client has no screen: it must never shrink the customer's windows.
-            cmd.args(["-f", "ignore-size"]);
-        }
-        cmd.args(["-t", &features.exact(session)]);
-        let p = proc::spawn(&mut cmd, false).map_err(|e| format!("cannot start the tmux control client: {e}"))?;
-        let t = TmuxSide {
-            p,
-            parser: tmux::ControlParser::new(),
-            outq: Vec::new(),
-            out_off: 0,
-            pending: VecDeque::new(),
-            shell: None,
-            chat: None,
-            size: (80, 24),
-            features,
-            eof: false,
-        };
-        self.tmux = Some(t);
-        for c in first {
-            self.tmux_cmd(c, Pending::Ignore);
-        }
-        if features.flow_control {
-            // tmux >= 3.2 pauses a pane whose output this client is more than this many seconds
-            // behind on, instead of buffering without bound; we resume it and resynchronise.
-            self.tmux_cmd(&format!("refresh-client -f pause-after={PAUSE_AFTER_SECS}"), Pending::Ignore);
-        }
-        self.list_panes();
+        self.tmux = Some(Control::attach(sock, session, features, first, self.dir.file("snap"))?);
         Ok(())
     }
 
@@ -1408,7 +884,7 @@ impl Daemon {
         if self.tmux.is_some() {
             // Connect once the shell pane is known, so the hello carries its real size; the timer
             // is a fallback should tmux never answer.
-            self.retry_at = Some(Instant::now() + Duration::from_secs(5));
+            self.link.connect_at(Some(Instant::now() + Duration::from_secs(5)));
         } else {
             self.connect();
         }
@@ -1416,7 +892,7 @@ impl Daemon {
         while self.end.is_none() {
             self.step();
         }
-        (self.shutdown(), self.ever_welcomed)
+        (self.shutdown(), self.link.ever_welcomed())
     }
 
     pub fn into_dir(self) -> SessionDir {
@@ -1425,101 +901,38 @@ impl Daemon {
 
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if let Some(r) = self.retry_at {
-            at(r);
-        }
-        if let Some(r) = self.panes_retry_at {
-            at(r);
-        }
-        if let Some(r) = self.mux.deadline() {
-            at(r);
-        }
-        if let Some(r) = self.snap_at.filter(|_| !self.snap_in_flight) {
-            at(r);
-        }
-        if let Some(r) = self.popup_again_at {
-            at(r);
-        }
-        if let Some(r) = self.keys.renew_at() {
-            at(r);
-        }
-        if let Some(l) = &self.link {
-            match self.state {
-                LinkState::Up => {
-                    if let Some(s) = l.stalled_since {
-                        at(s + STALL_LIMIT);
-                    }
-                    at(l.last_tx + PING_AFTER);
-                    at(l.last_rx.max(l.last_ping) + PING_AFTER);
-                    at(l.last_rx + SILENCE_LIMIT);
-                }
-                LinkState::Connecting => at(l.started + WELCOME_TIMEOUT),
-                LinkState::Down => {}
-            }
-        }
+        let next = [
+            self.link.deadline(),
+            self.tmux.as_ref().and_then(|t| t.deadline()),
+            self.grants.deadline(),
+            self.popup_again_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         next.map(|n| n.saturating_duration_since(now))
     }
 
     fn on_timers(&mut self) {
         let now = Instant::now();
-        if !self.snap_in_flight && self.snap_at.is_some_and(|r| now >= r) {
-            self.snap_at = None;
-            self.request_snap();
+        if let Some(t) = &mut self.tmux {
+            t.on_timers(now);
         }
-        if self.mux.deadline().is_some_and(|d| now >= d) {
-            let out = self.mux.poll(now);
-            self.on_mux(out);
-        }
-        if self.keys.renew_at().is_some_and(|r| now >= r) {
-            if let Err(e) = self.keys.renew() {
-                self.log.line(&format!("cannot renew the expiry of the support keys: {e}"));
-            }
-        }
-        if self.panes_retry_at.is_some_and(|r| now >= r) {
-            self.panes_retry_at = None;
-            self.list_panes();
-        }
+        self.with_grants(|g| g.on_timers(now));
         if self.popup_again_at.is_some_and(|r| now >= r) {
             self.popup_again_at = None;
-            let f = self.tmux.as_ref().map(|t| t.features);
-            if let (Some((req, _)), Some(f)) = (self.tunnel.on_screen(), f) {
-                if let Some(ask) = self.ask(&req) {
+            let f = self.tmux.as_ref().map(|t| t.features());
+            if let (Some((req, _)), Some(f)) = (self.grants.on_screen(), f) {
+                if let Some(ask) = self.grants.ask(&req) {
                     let cmd = self.popup_command(&ask, &f);
                     self.show_popup(&req, cmd, true);
                 }
             }
         }
-        if let Some(r) = self.retry_at {
-            if now >= r {
-                self.retry_at = None;
-                self.connect();
-            }
-        }
-        let Some(l) = &self.link else { return };
-        match self.state {
-            LinkState::Up if now >= l.last_rx + SILENCE_LIMIT => self.link_lost("no answer from the relay for 45 s"),
-            LinkState::Up if l.stalled_since.is_some_and(|s| now >= s + STALL_LIMIT) => {
-                self.link_lost("the relay took nothing from us for 45 s")
-            }
-            // A PING after 15 s of not sending (the contract), and also after 15 s of hearing
-            // nothing while we send a lot: a relay that only answers must get something to answer
-            // before the 45 s silence limit, or a busy shell would look like a dead link.
-            LinkState::Up if now >= l.last_tx + PING_AFTER || now >= l.last_rx.max(l.last_ping) + PING_AFTER => {
-                if let Some(l) = &mut self.link {
-                    l.last_ping = now;
-                }
-                self.ping_n += 1;
-                let n = self.ping_n;
-                if let Some(o) = self.out() {
-                    protocol::push_ping(o, n);
-                }
-            }
-            LinkState::Connecting if now >= l.started + WELCOME_TIMEOUT => {
-                self.link_lost("the relay did not answer the hello")
-            }
-            _ => {}
+        match self.link.on_timers(now) {
+            Some(link::Due::Connect) => self.connect(),
+            Some(link::Due::Lost(why)) => self.link_lost(why),
+            None => {}
         }
     }
 
@@ -1530,41 +943,21 @@ impl Daemon {
         let sigfd = self.sig.fd();
         let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(&sigfd, PollFlags::IN)];
         let mut roles: Vec<Role> = vec![Role::Signal];
-        let backlog = self.link.as_ref().map(|l| l.outq.len() - l.out_off).unwrap_or(0);
-        let link = self.link.as_ref();
-        let tmux = self.tmux.as_ref();
-        let cands: [(Option<BorrowedFd<'_>>, Role, PollFlags); 7] = [
-            (
-                link.filter(|l| !l.stdout_eof).and_then(|l| l.p.stdout.as_ref()).map(|f| f.as_fd()),
-                Role::LinkOut,
-                PollFlags::IN,
-            ),
-            (
-                link.filter(|l| !l.stderr_eof).and_then(|l| l.p.stderr.as_ref()).map(|f| f.as_fd()),
-                Role::LinkErr,
-                PollFlags::IN,
-            ),
-            (
-                link.filter(|l| l.out_off < l.outq.len()).and_then(|l| l.p.stdin.as_ref()).map(|f| f.as_fd()),
-                Role::LinkIn,
-                PollFlags::OUT,
-            ),
-            // A full queue towards the relay stops us reading the pane: backpressure, not memory.
-            (
-                tmux.filter(|t| !t.eof && backlog < OUTQ_HIGH).and_then(|t| t.p.stdout.as_ref()).map(|f| f.as_fd()),
-                Role::TmuxOut,
-                PollFlags::IN,
-            ),
-            (
-                tmux.filter(|t| t.out_off < t.outq.len()).and_then(|t| t.p.stdin.as_ref()).map(|f| f.as_fd()),
-                Role::TmuxIn,
-                PollFlags::OUT,
-            ),
-            (self.ctl.as_ref().map(|f| f.as_fd()), Role::Ctl, PollFlags::IN),
-            (self.console.as_ref().filter(|c| c.waiting() > 0).map(|c| c.fd()), Role::Console, PollFlags::OUT),
+        // A full queue towards the relay stops us reading the pane: backpressure, not memory.
+        let read_pane = self.link.backlog() < OUTQ_HIGH;
+        let [link_out, link_err, link_in] = self.link.poll_fds();
+        let [tmux_out, tmux_in] = self.tmux.as_ref().map_or([None, None], |t| t.poll_fds(read_pane));
+        let cands: [(Option<(BorrowedFd<'_>, PollFlags)>, Role); 7] = [
+            (link_out, Role::LinkOut),
+            (link_err, Role::LinkErr),
+            (link_in, Role::LinkIn),
+            (tmux_out, Role::TmuxOut),
+            (tmux_in, Role::TmuxIn),
+            (self.ctl.as_ref().map(|f| (f.as_fd(), PollFlags::IN)), Role::Ctl),
+            (self.console.as_ref().filter(|c| c.waiting() > 0).map(|c| (c.fd(), PollFlags::OUT)), Role::Console),
         ];
-        for (fd, role, flags) in cands {
-            if let Some(fd) = fd {
+        for (fd, role) in cands {
+            if let Some((fd, flags)) = fd {
                 fds.push(PollFd::from_borrowed_fd(fd, flags));
                 roles.push(role);
             }
@@ -1596,44 +989,11 @@ impl Daemon {
     }
 
     fn pump_writes(&mut self) {
-        let mut broken = false;
-        if let Some(l) = &mut self.link {
-            let before = l.out_off;
-            if l.out_off < l.outq.len() {
-                if let Some(stdin) = &l.p.stdin {
-                    broken = proc::write_some(stdin.as_fd(), &l.outq, &mut l.out_off).is_err();
-                }
-            }
-            // A relay that stopped reading shows as a queue that does not move (F3).
-            if l.out_off > before || l.out_off == l.outq.len() {
-                l.stalled_since = None;
-            } else if l.stalled_since.is_none() {
-                l.stalled_since = Some(Instant::now());
-            }
-            if l.out_off == l.outq.len() {
-                l.outq.clear();
-                l.out_off = 0;
-            } else if l.out_off > (1 << 20) {
-                l.outq.drain(..l.out_off);
-                l.out_off = 0;
-            }
-        }
-        if broken {
+        if !self.link.pump() {
             self.link_lost("ssh stopped reading");
         }
         if let Some(t) = &mut self.tmux {
-            if t.out_off < t.outq.len() {
-                if let Some(stdin) = &t.p.stdin {
-                    let _ = proc::write_some(stdin.as_fd(), &t.outq, &mut t.out_off);
-                }
-            }
-            if t.out_off == t.outq.len() {
-                t.outq.clear();
-                t.out_off = 0;
-            } else if t.out_off > (1 << 20) {
-                t.outq.drain(..t.out_off);
-                t.out_off = 0;
-            }
+            t.pump();
         }
         if self.status_behind && !self.tmux_busy() {
             self.status_row();
@@ -1655,14 +1015,12 @@ impl Daemon {
     }
 
     fn reap(&mut self) {
-        let out = self.mux.poll(Instant::now());
-        self.on_mux(out);
-        let exited = self.link.as_mut().map(|l| matches!(l.p.child.try_wait(), Ok(Some(_)))).unwrap_or(false);
-        if exited {
+        self.with_grants(|g| g.reap(Instant::now()));
+        if self.link.exited() {
             // Read what is left first: an ERROR line may be waiting in the pipe.
             self.on_link_stderr();
             self.on_link_stdout();
-            if self.link.is_some() {
+            if self.link.exists() {
                 self.link_lost("ssh ended");
             }
         }
@@ -1679,6 +1037,15 @@ enum Role {
     TmuxIn,
     Ctl,
     Console,
+}
+
+/// The keys of a tunnel request as `ssh-keygen -lf` prints them; none if they are not valid.
+fn fingerprints(keys: &[u8]) -> Vec<String> {
+    authkeys::validate_keys(keys)
+        .unwrap_or_default()
+        .iter()
+        .map(|k| ui::fingerprint(k).unwrap_or_else(|| "(a key ssh-keygen would not fingerprint)".into()))
+        .collect()
 }
 
 /// The chat-fifo lines for one message: `KIND B64\n`, each at most PIPE_BUF (4096) bytes, so that a
@@ -1706,28 +1073,12 @@ fn fifo_lines(kind: &str, payload: &[u8]) -> Vec<String> {
     }
 }
 
-/// The keys of a tunnel request as `ssh-keygen -lf` prints them; none if they are not valid.
-fn fingerprints(keys: &[u8]) -> Vec<String> {
-    authkeys::validate_keys(keys)
-        .unwrap_or_default()
-        .iter()
-        .map(|k| ui::fingerprint(k).unwrap_or_else(|| "(a key ssh-keygen would not fingerprint)".into()))
-        .collect()
-}
-
-fn ts(d: Duration) -> rustix::event::Timespec {
+pub fn ts(d: Duration) -> rustix::event::Timespec {
     rustix::event::Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 }
 }
 
 pub fn now_unix() -> u64 {
     crate::sessiondir::now().0
-}
-
-/// A fraction in [0, 1) for back-off jitter; not security relevant.
-fn random_fraction() -> f64 {
-    let mut b = [0u8; 4];
-    let _ = rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut b);
-    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
 }
 
 /// The most telling line ssh logged, for a customer-facing failure message.
