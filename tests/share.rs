@@ -716,9 +716,21 @@ fn a_tmux_that_reads_nothing_costs_bounded_memory() {
     );
     assert!(c.ssh_log().contains("dropped K reason=tmux-busy"), "{}", c.ssh_log());
     drop(stopped);
-    // Keys that come while tmux still works through the queue are dropped too: ask until it types.
-    let recovered = (0..12).any(|_| {
+    // Keys that come while tmux still works through the queue are dropped too: Ctrl-C until the
+    // shell's prompt follows it, then the command (never both at once: the shell throws away a line
+    // typed while it handles the interrupt).
+    let mark = conn.output().len();
+    let prompt_after_interrupt = |o: &[u8]| {
+        let t = &o[mark.min(o.len())..];
+        let last = (0..t.len().saturating_sub(1)).rev().find(|&i| &t[i..i + 2] == b"^C");
+        last.is_some_and(|i| contains(&t[i..], b"# ") || contains(&t[i..], b"$ "))
+    };
+    let interrupted = (0..12).any(|_| {
         conn.send(&k_line(b"\x03"));
+        conn.wait_output(secs(5), prompt_after_interrupt)
+    });
+    assert!(interrupted, "{}", c.diag());
+    let recovered = (0..6).any(|_| {
         conn.send(&k_line(b"echo RECOVERED-$((6*7))\r"));
         conn.wait_output(secs(5), |o| contains(o, b"RECOVERED-42"))
     });
