@@ -148,11 +148,22 @@ struct Peer {
     since: Instant,
     /// Set when the peer is on its way out: no more reading, flush then drop at the deadline.
     closing: Option<Instant>,
+    /// Its socket took less than was queued: no write is tried until poll says it can take more
+    /// (fifty stalled viewers would otherwise cost fifty failed writes per customer line).
+    full: bool,
 }
 
 impl Peer {
     fn new(stream: Conn, cap: usize, role: Role) -> Peer {
-        Peer { stream, split: Splitter::default(), out: OutQueue::new(cap), role, since: Instant::now(), closing: None }
+        Peer {
+            stream,
+            split: Splitter::default(),
+            out: OutQueue::new(cap),
+            role,
+            since: Instant::now(),
+            closing: None,
+            full: false,
+        }
     }
     fn name(&self) -> &str {
         match &self.role {
@@ -361,6 +372,11 @@ impl Broker {
                 self.accept_support();
             }
             for (id, (r, w)) in ids.iter().zip(at) {
+                if ready[w.unwrap_or(r)].intersects(PollFlags::OUT | PollFlags::HUP | PollFlags::ERR)
+                    && let Some(p) = self.peers.get_mut(id)
+                {
+                    p.full = false;
+                }
                 if ready[r].intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR) {
                     self.read_peer(*id);
                 }
@@ -1139,8 +1155,12 @@ impl Broker {
                 }
                 continue;
             }
+            if p.full {
+                continue;
+            }
             match p.out.flush_to(&mut p.stream) {
                 Ok(()) => {
+                    p.full = !p.out.is_empty();
                     if p.out.is_empty() && p.closing.is_some() {
                         done.push(*id);
                     }
