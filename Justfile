@@ -206,7 +206,8 @@ bench:
     cargo test --release --test bench -- --ignored --nocapture --test-threads=1
     cargo test --release -p tunl-relay --test fanout -- --ignored --nocapture
     cargo test --release -p tunl --test bench -- --ignored --nocapture --test-threads=1
-    cargo test --release -p tunl-relay --test idle -- --ignored --nocapture
+    cargo build -q --release --target {{musl}} -p tunl-relay --bin tunl-relay
+    TUNL_RELAY_BIN=target/{{musl}}/release/tunl-relay cargo test --release -p tunl-relay --test idle -- --ignored --nocapture
 
 # Endurance (issue 13): the real client against the test relay for MINUTES while a shell prints at
 # random rates, the relay sends random valid and invalid lines, chat goes both ways, tunnels are

@@ -16,7 +16,11 @@ use tunl_relay::harness::{Relay, client_binary, wait_until};
 
 /// A relay started with the binary cargo built for these tests.
 pub fn relay() -> Relay {
-    tunl_relay::harness::use_binary(env!("CARGO_BIN_EXE_tunl-relay"));
+    // `just bench` measures the static (musl) build that a relay host runs: TUNL_RELAY_BIN.
+    match std::env::var_os("TUNL_RELAY_BIN") {
+        Some(p) => tunl_relay::harness::use_binary(p),
+        None => tunl_relay::harness::use_binary(env!("CARGO_BIN_EXE_tunl-relay")),
+    }
     Relay::start().expect("relay")
 }
 
