@@ -144,6 +144,11 @@ impl Control {
         self.chat
     }
 
+    /// Whether this tmux pauses a pane that we fall behind on (3.2+).
+    pub fn flow_control(&self) -> bool {
+        self.features.flow_control
+    }
+
     /// The shell pane's size (80x24 until known).
     pub fn size(&self) -> (u16, u16) {
         self.size

@@ -87,6 +87,9 @@ pub struct Daemon {
     popup_again_at: Option<Instant>,
     /// Status rows not sent while tmux was not keeping up; sent once it is.
     status_behind: bool,
+    /// Shell output not queued for the relay while the link was backlogged (tmux before 3.2, which
+    /// cannot pause a pane for us); support gets a fresh screen once the queue has drained.
+    relay_behind: bool,
     ctl: Option<OwnedFd>,
     ctlbuf: Vec<u8>,
     chat_out: Option<OwnedFd>,
@@ -124,6 +127,7 @@ impl Daemon {
             tmux: None,
             popup_again_at: None,
             status_behind: false,
+            relay_behind: false,
             ctl: None,
             ctlbuf: Vec::new(),
             chat_out: None,
@@ -499,7 +503,16 @@ impl Daemon {
                 if let Some(Err(e)) = self.rec.as_mut().map(|r| r.output(&data)) {
                     self.recording_failed(&e);
                 }
-                if let Some(o) = self.out() {
+                // 3.2+ pauses the pane instead (we stop reading it); only an older tmux is read on.
+                let paces = self.tmux.as_ref().is_none_or(|t| t.flow_control());
+                if !paces && self.link.backlog() >= OUTQ_HIGH {
+                    if !self.relay_behind {
+                        self.log.line(
+                            "the relay link is backlogged: shell output is recorded, support gets a fresh screen later",
+                        );
+                    }
+                    self.relay_behind = true;
+                } else if let Some(o) = self.out() {
                     protocol::push_o(o, &data);
                 }
             }
@@ -943,8 +956,12 @@ impl Daemon {
         let sigfd = self.sig.fd();
         let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(&sigfd, PollFlags::IN)];
         let mut roles: Vec<Role> = vec![Role::Signal];
-        // A full queue towards the relay stops us reading the pane: backpressure, not memory.
-        let read_pane = self.link.backlog() < OUTQ_HIGH;
+        // A full queue towards the relay stops us reading the pane: backpressure, not memory. A
+        // tmux before 3.2 cannot pause a pane; it would buffer the shell's output for us without a
+        // bound and replay all of it, long stale, once the link recovers. That one we keep reading,
+        // and its output beyond the bound goes to the recording only (see on_tmux).
+        let flow_control = self.tmux.as_ref().is_none_or(|t| t.flow_control());
+        let read_pane = self.link.backlog() < OUTQ_HIGH || !flow_control;
         let [link_out, link_err, link_in] = self.link.poll_fds();
         let [tmux_out, tmux_in] = self.tmux.as_ref().map_or([None, None], |t| t.poll_fds(read_pane));
         let cands: [(Option<(BorrowedFd<'_>, PollFlags)>, Role); 7] = [
@@ -994,6 +1011,14 @@ impl Daemon {
         }
         if let Some(t) = &mut self.tmux {
             t.pump();
+        }
+        // Output was dropped for the relay: once the queue has drained, a SNAP makes support's
+        // screen whole again. A lost link needs none (every WELCOME brings its own SNAP).
+        if self.relay_behind && self.link.backlog() < OUTQ_HIGH / 4 {
+            self.relay_behind = false;
+            if self.link.exists() {
+                self.request_snap();
+            }
         }
         if self.status_behind && !self.tmux_busy() {
             self.status_row();
