@@ -277,11 +277,20 @@ fn a_viewer_that_does_not_read_is_dropped_and_slows_nobody() {
     let chunk = vec![b'x'; 32 * 1024];
     let line = o_line(&chunk);
     let started = Instant::now();
+    // The good viewer keeps pace with the customer (at most 1 MiB behind, a quarter of its queue),
+    // as a reading engineer does with a shell; without that a loaded test machine that starves the
+    // reader thread for a few milliseconds would make it look slow too. The stuck one never reads.
+    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let mut w = c.w.try_clone().unwrap();
         let line = line.clone();
+        let delivered = delivered.clone();
         std::thread::spawn(move || {
-            for _ in 0..512 {
+            for i in 0..512 {
+                let d = deadline();
+                while i >= delivered.load(std::sync::atomic::Ordering::SeqCst) + 32 && Instant::now() < d {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 w.write_all(line.as_bytes()).unwrap();
                 w.write_all(b"\n").unwrap();
             }
@@ -293,6 +302,7 @@ fn a_viewer_that_does_not_read_is_dropped_and_slows_nobody() {
         let l = good.wait_prefix("O ");
         assert_eq!(l.len(), line.len());
         got += 1;
+        delivered.store(got, std::sync::atomic::Ordering::SeqCst);
     }
     writer.join().unwrap();
     c.wait(|l| l == "PONG 77");
