@@ -470,40 +470,12 @@ fn keys_left_behind_are_reported_after_tmux_is_gone() {
     assert!(h.contains(&line), "the exact line to delete is not shown: {h}");
 }
 
-/// A tiny filesystem of its own for authorized_keys, unmounted on drop.
-struct TinyFs(PathBuf);
-
-impl TinyFs {
-    fn mount(at: &Path) -> TinyFs {
-        std::fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs"]).arg(at).status();
-        assert!(st.is_ok_and(|s| s.success()), "cannot mount a tmpfs (the test needs root)");
-        TinyFs(at.to_path_buf())
-    }
-    /// Fill it to the last byte.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
-        let chunk = vec![b'x'; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let one = [b'x'; 1];
-        while f.write_all(&one).is_ok() {}
-        let _ = f.sync_all();
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The disk holding authorized_keys is full (the rewrite needs room for a whole copy): support's
 /// key is still disabled at the revoke, commented out in place, and the real sshd refuses it.
 #[test]
 fn a_full_disk_still_disables_the_keys() {
     let bed = Bed::new("akfull");
-    let fs = TinyFs::mount(&bed.scratch.path().join("tiny"));
+    let fs = TinyFs::mount(0o755, &bed.scratch.path().join("tiny"));
     let ak = fs.0.join("authorized_keys");
     std::fs::write(&ak, format!("{} mine\n", bed.mine.public_line)).unwrap();
     let target = TargetSshd::start(&ak).expect("target sshd");

@@ -277,34 +277,6 @@ fn the_recording_holds_every_session_event_in_order_and_plays_in_asciinema() {
     c.assert_clean();
 }
 
-/// A tiny filesystem of its own for the recording, unmounted on drop.
-struct TinyFs(PathBuf);
-
-impl TinyFs {
-    fn mount(at: &Path) -> TinyFs {
-        std::fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"]).arg(at).status();
-        assert!(st.is_ok_and(|s| s.success()), "cannot mount a tmpfs (the test needs root)");
-        TinyFs(at.to_path_buf())
-    }
-    /// Fill it to the last byte.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
-        let chunk = vec![b'x'; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let one = [b'x'; 1];
-        while f.write_all(&one).is_ok() {}
-        let _ = f.sync_all();
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The disk under the recording fills up: the recording and the transcript stop where their last
 /// whole line ended (both still readable, the recording still plays), the customer is told once,
 /// and the session goes on.
@@ -312,7 +284,7 @@ impl Drop for TinyFs {
 fn a_full_disk_stops_the_record_tells_the_customer_once_and_the_session_goes_on() {
     let relay = Relay::start(RelayOpts::default()).expect("test relay");
     let bed = Scratch::new("recfull");
-    let fs = TinyFs::mount(&bed.path().join("tiny"));
+    let fs = TinyFs::mount(0o700, &bed.path().join("tiny"));
     let dir = fs.0.display().to_string();
     let id = unique_id("recfull");
     let (c, mut conn) = Customer::connect(&relay, &id, &[], &[("TUNL_RECORDING_DIR", dir.as_str())]);

@@ -529,3 +529,33 @@ pub const CUSTOMER_TOKEN: &str = "424242";
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+/// A 64 KiB tmpfs of its own (root only), for a full disk under a file we write; unmounted on drop.
+pub struct TinyFs(pub PathBuf);
+
+impl TinyFs {
+    pub fn mount(mode: u32, at: &Path) -> TinyFs {
+        std::fs::create_dir_all(at).unwrap();
+        let opts = format!("size=64k,mode={mode:04o}");
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(at).status();
+        assert!(st.is_ok_and(|s| s.success()), "cannot mount a tmpfs (the test needs root)");
+        TinyFs(at.to_path_buf())
+    }
+
+    /// Fill it to the last byte.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = vec![b'x'; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let one = [b'x'; 1];
+        while f.write_all(&one).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
