@@ -469,6 +469,11 @@ impl Daemon {
         }
     }
 
+    /// Whether tmux pauses a pane we fall behind on (3.2+), so that we may stop reading it.
+    fn tmux_paces(&self) -> bool {
+        self.tmux.as_ref().is_none_or(|t| t.flow_control())
+    }
+
     fn request_snap(&mut self) {
         if let Some(t) = &mut self.tmux {
             t.want_snap();
@@ -504,8 +509,7 @@ impl Daemon {
                     self.recording_failed(&e);
                 }
                 // 3.2+ pauses the pane instead (we stop reading it); only an older tmux is read on.
-                let paces = self.tmux.as_ref().is_none_or(|t| t.flow_control());
-                if !paces && self.link.backlog() >= OUTQ_HIGH {
+                if !self.tmux_paces() && self.link.backlog() >= OUTQ_HIGH {
                     if !self.relay_behind {
                         self.log.line(
                             "the relay link is backlogged: shell output is recorded, support gets a fresh screen later",
@@ -960,8 +964,7 @@ impl Daemon {
         // tmux before 3.2 cannot pause a pane; it would buffer the shell's output for us without a
         // bound and replay all of it, long stale, once the link recovers. That one we keep reading,
         // and its output beyond the bound goes to the recording only (see on_tmux).
-        let flow_control = self.tmux.as_ref().is_none_or(|t| t.flow_control());
-        let read_pane = self.link.backlog() < OUTQ_HIGH || !flow_control;
+        let read_pane = self.link.backlog() < OUTQ_HIGH || !self.tmux_paces();
         let [link_out, link_err, link_in] = self.link.poll_fds();
         let [tmux_out, tmux_in] = self.tmux.as_ref().map_or([None, None], |t| t.poll_fds(read_pane));
         let cands: [(Option<(BorrowedFd<'_>, PollFlags)>, Role); 7] = [
