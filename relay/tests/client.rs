@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use common::*;
 use tunl_relay::harness::{Relay, wait_until};
@@ -79,25 +79,8 @@ fn unknown_expired_and_closed_sessions_end_the_client_with_status_1() {
 fn first_line(relay: &Relay, scratch: &Scratch, key: &std::path::Path, hello: &str) -> String {
     let kh = scratch.path().join("known_hosts");
     std::fs::write(&kh, format!("@cert-authority [127.0.0.1]:{} {}\n", relay.port(), relay.ca_pubkey())).unwrap();
-    let mut child = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "PreferredAuthentications=publickey"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", kh.display()))
-        .arg("-o")
-        .arg(format!("CertificateFile={}-cert.pub", key.display()))
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", hello])
+    let cert = std::path::PathBuf::from(format!("{}-cert.pub", key.display()));
+    let mut child = customer_ssh(relay, &kh, key, &cert, hello)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -207,16 +190,8 @@ fn an_idle_session_is_one_process_that_outlives_its_connection() {
         let hello = format!(
             "linbit-tunl/1 id={id} mode=share host=h user=root ips=10.0.0.1 case= client=0.1 size=80x24 resume={resume}"
         );
-        let mut child = Command::new("ssh")
-            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
-            .args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", kh.display()))
-            .arg("-o")
-            .arg(format!("CertificateFile={}-cert.pub", key.display()))
-            .arg("-i")
-            .arg(&key)
-            .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", &hello])
+        let cert = std::path::PathBuf::from(format!("{}-cert.pub", key.display()));
+        let mut child = customer_ssh(&relay, &kh, &key, &cert, &hello)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

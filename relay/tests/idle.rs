@@ -102,25 +102,7 @@ fn idle_sessions_memory_and_cpu() {
         let hello = format!(
             "linbit-tunl/1 id={id} mode=share host=h{i} user=root ips=10.0.0.1 case= client=0.1 size=80x24 resume=0"
         );
-        let mut child = Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "GlobalKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "PreferredAuthentications=publickey"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", kh.display()))
-            .arg("-o")
-            .arg(format!("CertificateFile={}", cert.display()))
-            .arg("-i")
-            .arg(&key)
-            .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", &hello])
+        let mut child = customer_ssh(&relay, &kh, &key, &cert, &hello)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

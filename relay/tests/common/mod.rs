@@ -257,3 +257,20 @@ pub fn ki_first_line(relay: &Relay, scratch: &Scratch, answer: &str, hello: &str
         if line.is_empty() { String::from_utf8_lossy(&out.stderr).into_owned() } else { String::new() }
     )
 }
+
+/// `ssh` that logs in to `relay` as a customer with `key` and its certificate `cert`, trusting only
+/// the hosts in `known_hosts` (the relay's CA), with `hello` as the command. Stdio is the caller's.
+pub fn customer_ssh(relay: &Relay, known_hosts: &Path, key: &Path, cert: &Path, hello: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+        .args(["-o", "GlobalKnownHostsFile=/dev/null", "-o", "StrictHostKeyChecking=yes"])
+        .args(["-o", "PreferredAuthentications=publickey"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &relay.port().to_string(), "-l", &relay.cfg.customer_user, "127.0.0.1", "--", hello]);
+    c
+}
