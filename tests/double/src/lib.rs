@@ -238,10 +238,15 @@ impl Relay {
             let cfg = d.join("sshd_config");
             let ki = if opts.ki { "yes" } else { "no" };
             let fwd = if opts.refuse_forward { "no" } else { "remote" };
+            // SetEnv SHLVL=1: sshd runs ForceCommand through root's login shell, and bash sources
+            // ~/.bashrc for an ssh command unless it is a nested shell. Whatever a machine's root
+            // keeps there (pyenv's rehash waits a minute on a lock a killed shell left) must not
+            // decide whether a test relay answers in time.
             fs::write(
                 &cfg,
                 format!(
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nHostCertificate {hk}-cert.pub\n\
+                     SetEnv SHLVL=1\n\
                      TrustedUserCAKeys {ca}.pub\nAuthorizedKeysFile none\nPubkeyAuthentication yes\n\
                      KbdInteractiveAuthentication {ki}\nUsePAM {ki}\nPasswordAuthentication no\n\
                      PermitRootLogin yes\nStrictModes no\nAllowTcpForwarding {fwd}\nGatewayPorts no\n\

@@ -41,7 +41,9 @@ impl TargetSshd {
             fs::write(
                 &cfg,
                 format!(
+                    // SHLVL=1: no ~/.bashrc of the machine's root in a login (see the relay's sshd).
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {keys}\n\
+                     SetEnv SHLVL=1\n\
                      PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                      UsePAM no\nPermitRootLogin yes\nStrictModes no\nX11Forwarding no\nPrintMotd no\n\
                      UseDNS no\nLogLevel VERBOSE\nPidFile {dir}/sshd.pid\n",
