@@ -633,7 +633,12 @@ fn a_relay_that_stops_reading_is_declared_dead() {
     let (c, mut conn) = Customer::connect(&relay, &id, &[], &[]);
     conn.set_reading(false);
     let start = std::time::Instant::now();
-    conn.send(&k_line(b"yes linbit-tunl-fills-the-link-of-a-relay-that-stopped-reading\r"));
+    // About 1 MB/s, paced: tmux 1.8 forwards an unpaced flood (`yes`) to its control client in a
+    // trickle of some 60 KB/s (one 8 KiB message per event loop), which would take minutes to fill
+    // the relay's buffers; every tmux forwards this whole.
+    conn.send(&k_line(
+        b"while :; do yes linbit-tunl-fills-the-link-of-a-relay-that-stopped-reading | head -c 100000; sleep 0.1; done\r",
+    ));
     let mut again = None;
     for n in 1..=15 {
         again = relay.accept(secs(10));
