@@ -908,6 +908,7 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     }
     // Dismissed: it does not come back while the customer keeps typing...
     cust.keys(&["Escape"]);
+    assert!(cust.wait_screen(secs(5), |s| !informed_popup(s)), "Escape left the popup up\n{}", cust.diag());
     let row = |s: &str| {
         s.lines().any(|l| l.starts_with("relay: connected") && l.ends_with("tunnel: confirm, request waiting"))
     };
@@ -915,7 +916,7 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     let until_t = Instant::now() + Duration::from_secs(12);
     while Instant::now() < until_t {
         cust.keys(&["x"]);
-        assert!(!informed_popup(&cust.screen()), "the popup came back in the middle of typing\n{}", cust.screen());
+        assert!(!informed_popup(&cust.screen()), "the popup came back in the middle of typing\n{}", cust.diag());
         std::thread::sleep(Duration::from_millis(400));
     }
     cust.keys(&["C-u"]);
