@@ -915,6 +915,41 @@ mod tests {
         assert!(!ends.is_empty() && ends.windows(2).all(|w| w[1] > w[0]), "{evs:?}");
     }
 
+    /// Every tmux expands the client's activity in the daemon's `list-clients` (1.8 expands the
+    /// names it does not know to nothing): without it a dismissed Grant/Deny popup would come back
+    /// in the middle of the customer's typing.
+    #[test]
+    fn real_tmux_tells_each_client_activity() {
+        if !tmux_available() {
+            return;
+        }
+        let srv = private_server("clients");
+        let st = std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(srv.sock())
+            .args(["-f", "/dev/null", "new-session", "-d", "-s", "t", "sleep 30"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let input = format!("{}\n", crate::ui::list_clients_command());
+        let listed = |evs: &[Event]| {
+            evs.iter().find_map(|e| match e {
+                Event::End { body, .. } if body.len() == 1 && body[0].split(|&b| b == b' ').count() >= 3 => {
+                    Some(body[0].clone())
+                }
+                _ => None,
+            })
+        };
+        let evs = control_session(&srv, &input, |evs| listed(evs).is_some());
+        let line = listed(&evs).unwrap_or_else(|| panic!("no list-clients reply: {evs:?}"));
+        let line = String::from_utf8_lossy(&line).into_owned();
+        let activity: u64 = line.split(' ').nth(3).and_then(|a| a.parse().ok()).unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(activity + 60 >= now && activity <= now + 1, "no activity time in {line:?}");
+        // Only the control client is attached: it is never taken for the customer's.
+        assert_eq!(crate::ui::customer_client(&[line.into_bytes()]), None);
+    }
+
     /// Review finding F18: keystrokes from the relay reach the pane as keystrokes on every tmux
     /// (run it with an old tmux first on PATH, as `just compat` does); payloads that split a command
     /// line or open a comment in any tmux parser run nothing.

@@ -533,7 +533,7 @@ pub fn control_client_commands(f: &Features, size: Option<(u16, u16)>, attach: b
 }
 
 /// The daemon's `list-clients` command, for the client to show the Grant/Deny question on. (tmux
-/// 1.8 has no `client_name` or `client_control_mode` and stops expanding at an unknown name: the
+/// 1.8 has no `client_name` or `client_control_mode` and expands an unknown name to nothing: the
 /// fields it lacks come last.)
 pub fn list_clients_command() -> String {
     format!("list-clients -F {}", quote("#{client_tty} #{client_termname} #{client_control_mode} #{client_activity}"))
