@@ -9,6 +9,7 @@ mod control;
 mod daemon;
 mod grants;
 mod json;
+mod keeper;
 mod launcher;
 mod link;
 mod marks;
@@ -131,6 +132,7 @@ fn internal(args: &[std::ffi::OsString]) -> Option<u8> {
     match role {
         "__daemon" => Some(launcher::daemon_main(dir)),
         "__chat" => Some(chat::run(dir) as u8),
+        "__shell" => Some(keeper::run(dir) as u8),
         "__ctl" => Some(chat::ctl(dir, &rest) as u8),
         _ => None,
     }

@@ -132,11 +132,43 @@ pub fn send(pid: i32, sig: i32) {
     }
 }
 
+/// Catch SIGQUIT and SIGTSTP (into the signal pipe, where they are dropped): a process sharing the
+/// terminal's foreground with a shell that has no job control must neither quit nor stop with it.
+pub fn catch_job_signals() {
+    for s in [libc::SIGQUIT, libc::SIGTSTP] {
+        install(s, on_signal);
+    }
+}
+
+/// Make our process group the terminal's foreground again (stdin). From the background that takes
+/// SIGTTOU out of the way for the call: blocked, then unblocked, so no child inherits it blocked.
+pub fn take_terminal() {
+    // SAFETY: sigprocmask and tcsetpgrp have no memory-safety preconditions beyond valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTTOU);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+        libc::tcsetpgrp(0, libc::getpgrp());
+        libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+}
+
 /// Restore default dispositions in a child between fork and exec.
 pub fn reset_in_child() {
     // SAFETY: signal(2) is async-signal-safe and valid between fork and exec.
     unsafe {
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD, libc::SIGWINCH, libc::SIGPIPE] {
+        for s in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGCHLD,
+            libc::SIGWINCH,
+            libc::SIGPIPE,
+            libc::SIGQUIT,
+            libc::SIGTSTP,
+        ] {
             libc::signal(s, libc::SIG_DFL);
         }
     }

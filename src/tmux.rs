@@ -461,6 +461,13 @@ impl Features {
 
     /// Of the `tmux` on PATH, asked once (`tmux -V`, bounded); an unreadable answer counts as the
     /// oldest.
+    /// tmux 3.2 and 3.2a crash when a `remain-on-exit` pane dies with output queued for a control
+    /// client: there the shell pane's first process is our keeper (`keeper.rs`), which never lets
+    /// the pane die.
+    pub fn keeps_shell_alive(&self) -> bool {
+        ((3, 2)..(3, 3)).contains(&self.version)
+    }
+
     pub fn installed() -> Features {
         let mut c = std::process::Command::new("tmux");
         c.arg("-V").env_remove("TMUX");

@@ -9,7 +9,7 @@
 //! - `c`/`C-c` toggle focus with `select-pane -t :.+` (window 0 holds exactly the shell and the chat).
 //! - `L` re-applies the layout in tmux at once (`main-horizontal`, chat 8 rows) and asks the daemon
 //!   (`respawn`) to respawn a dead chat pane and re-tag panes.
-//! - Dead shell pane: `remain-on-exit on`; root bindings for `Enter` and `q` act only on a dead pane
+//! - Dead shell pane (3.2/3.2a: never dead, see `keeper.rs`): `remain-on-exit on`; root bindings for `Enter` and `q` act only on a dead pane
 //!   (`if -F #{pane_dead}`), otherwise pass the key through with `send-keys`.
 //! - The menu is `display-menu` on tmux >= 3.0; older tmux (>= 2.1) gets a one-shot key table
 //!   `linbit-menu` announced with `display-message`. The cheat sheet is a menu of disabled lines
@@ -455,20 +455,30 @@ pub fn daemon_command(exe: &Path, dir: &Path) -> String {
     format!("exec {} __daemon {}", sh_quote(&exe.to_string_lossy()), sh_quote(&dir.to_string_lossy()))
 }
 
+/// The shell pane's command on tmux 3.2/3.2a (`Features::keeps_shell_alive`): the keeper.
+pub fn keeper_command(exe: &Path, dir: &Path) -> String {
+    format!("exec {} __shell {}", sh_quote(&exe.to_string_lossy()), sh_quote(&dir.to_string_lossy()))
+}
+
 /// The commands (argument vectors after `tmux -S SOCK [-f CONF]`) that build the layout, in order.
-/// The shell pane starts in `cwd` with the default shell (ours: `$SHELL`, else tmux's `/bin/sh`).
+/// The shell pane starts in `cwd` with the default shell (ours: `$SHELL`, else tmux's `/bin/sh`),
+/// under our keeper on 3.2/3.2a.
 pub fn layout_commands(t: &LayoutTarget, exe: &Path, dir: &Path, cwd: &Path, f: &Features) -> Vec<Vec<String>> {
     let cwd = cwd.to_string_lossy().into_owned();
     let (w, h) = (t.width.to_string(), t.height.to_string());
     let mut cmds = Vec::new();
-    match &t.attach_session {
+    let mut first = match &t.attach_session {
         // tmux 1.8 starts a new session in the directory of the client that asks for it: ours.
         None if !f.has(Feat::NewSessionCwd) => {
-            cmds.push(v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h]))
+            v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h])
         }
-        None => cmds.push(v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h, "-c", &cwd])),
-        Some(s) => cmds.push(v(&["new-window", "-d", "-t", &format!("{}:", f.exact(s)), "-n", &t.window, "-c", &cwd])),
+        None => v(&["new-session", "-d", "-s", SESSION, "-n", &t.window, "-x", &w, "-y", &h, "-c", &cwd]),
+        Some(s) => v(&["new-window", "-d", "-t", &format!("{}:", f.exact(s)), "-n", &t.window, "-c", &cwd]),
+    };
+    if f.keeps_shell_alive() {
+        first.push(keeper_command(exe, dir));
     }
+    cmds.push(first);
     // Pane 1 is first the daemon's, broken out at once (hidden), then the chat's. (A second split
     // would not do: where it lands in the pane list differs between versions; 1.8 puts a new pane
     // after the active one, later tmux after the one split.)
@@ -492,7 +502,10 @@ pub fn layout_commands(t: &LayoutTarget, exe: &Path, dir: &Path, cwd: &Path, f: 
     if f.pane_options {
         cmds.push(v(&["set-option", "-p", "-t", &shell, "@linbit-role", "shell"]));
         cmds.push(v(&["set-option", "-p", "-t", &chat, "@linbit-role", "chat"]));
-        cmds.push(v(&["set-option", "-p", "-t", &shell, "remain-on-exit", "on"]));
+        // (The keeper's pane never dies; were it killed, a pane kept dead would crash 3.2.x.)
+        if !f.keeps_shell_alive() {
+            cmds.push(v(&["set-option", "-p", "-t", &shell, "remain-on-exit", "on"]));
+        }
     } else {
         cmds.push(v(&["set-window-option", "-t", &t.win_for(f), "remain-on-exit", "on"]));
     }
