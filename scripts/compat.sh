@@ -13,6 +13,7 @@ cargo build -q --workspace --all-targets || exit 1
 mkdir -p target
 out=target/compat-matrix.md
 logs=target/compat-logs
+rm -rf "$logs"
 mkdir -p "$logs"
 printf '| client tool | unit (tmux) | share | attach | tunnel | link |\n|---|---|---|---|---|---|\n' >"$out"
 fail=0
@@ -55,4 +56,23 @@ if [ -z "${COMPAT_NO_SSH:-}" ]; then
     printf '| OpenSSH 7.4p1 client | - | - | - | - | %s |\n' "$l" | tee -a "$out" >&2
 fi
 cat "$out"
+# One closing line over every cell: the tests of each first run, with the second run's outcome for
+# the tests that failed there (a cell whose build failed counts as one failed test).
+passed=0 failed=0
+for log in "$logs"/*.log; do
+    r="$(grep -E '^test result' "$log" | tail -1)"
+    [ -f "$log.retry" ] && r2="$(grep -E '^test result' "$log.retry" | tail -1)" || r2=""
+    p="$(sed -nE 's/.* ([0-9]+) passed;.*/\1/p' <<<"$r")"
+    f="$(sed -nE 's/.* ([0-9]+) failed;.*/\1/p' <<<"$r")"
+    if [ -z "$p" ]; then
+        failed=$((failed + 1))
+        continue
+    fi
+    if [ -n "$r2" ]; then
+        p=$((p + $(sed -nE 's/.* ([0-9]+) passed;.*/\1/p' <<<"$r2")))
+        f="$(sed -nE 's/.* ([0-9]+) failed;.*/\1/p' <<<"$r2")"
+    fi
+    passed=$((passed + p)) failed=$((failed + f))
+done
+echo "compat: $passed passed, $failed failed"
 exit $fail
