@@ -42,6 +42,8 @@ pub enum ChatLine {
     Status1(String),
     Status2(String),
     Message(String),
+    /// `A N`: say `shown N` on the control fifo once everything before it is on the screen.
+    Ack(u64),
 }
 
 pub fn parse_chat_line(line: &[u8]) -> Option<ChatLine> {
@@ -52,6 +54,7 @@ pub fn parse_chat_line(line: &[u8]) -> Option<ChatLine> {
         "S1" => ChatLine::Status1(text),
         "S2" => ChatLine::Status2(text),
         "M" => ChatLine::Message(text),
+        "A" => ChatLine::Ack(text.parse().ok()?),
         _ => return None,
     })
 }
@@ -399,6 +402,12 @@ pub fn run(dir: &Path) -> i32 {
                             out.push_str(&sc.status());
                         }
                         Some(ChatLine::Message(m)) => out.push_str(&sc.add(m)),
+                        // Written to the terminal first: the daemon waits for this before a
+                        // prompt freezes the screen (tmux 1.8).
+                        Some(ChatLine::Ack(n)) => {
+                            write_all(&std::mem::take(&mut out));
+                            let _ = send_ctl(dir, &format!("shown {n}\n"));
+                        }
                         None => {}
                     }
                 }
@@ -463,6 +472,9 @@ mod tests {
         assert_eq!(parse_chat_line(b"S1 "), Some(ChatLine::Status1(String::new())));
         assert_eq!(parse_chat_line(b"S2 !!"), None);
         assert_eq!(parse_chat_line(b"X aGk="), None);
+        // The daemon's draw-acknowledgement request: a number, nothing else.
+        assert_eq!(parse_chat_line(format!("A {}", B64.encode("17")).as_bytes()), Some(ChatLine::Ack(17)));
+        assert_eq!(parse_chat_line(format!("A {}", B64.encode("17; rm")).as_bytes()), None);
     }
 
     #[test]

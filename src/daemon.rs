@@ -45,6 +45,15 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(7);
 /// lost. While the menu is still on screen tmux ignores the repeated display-menu.
 const POPUP_AGAIN: Duration = Duration::from_secs(5);
 const POPUP_IDLE_SECS: u64 = 5;
+/// How long a prompt waits for the chat pane to draw its request (tmux 1.8, `popup_held`).
+const POPUP_HOLD: Duration = Duration::from_secs(3);
+
+struct HeldPopup {
+    n: u64,
+    req: String,
+    cmd: String,
+    until: Instant,
+}
 /// What one poll wake-up reads from one pipe at most (F4): the other pipes, timers and signals get
 /// their turn even when a producer refills the pipe as fast as we empty it.
 const READ_BUDGET: usize = 256 << 10;
@@ -85,6 +94,11 @@ pub struct Daemon {
     /// The tmux control client (`control.rs`), in the share modes.
     tmux: Option<Control>,
     popup_again_at: Option<Instant>,
+    /// A Grant/Deny prompt held back until the chat pane has drawn the request (`A N` / `shown N`):
+    /// on tmux 1.8 the prompt freezes the terminal, and the question's details (target, keys) are
+    /// only in the chat pane. Shown anyway at the deadline.
+    popup_held: Option<HeldPopup>,
+    held_n: u64,
     /// Status rows not sent while tmux was not keeping up; sent once it is.
     status_behind: bool,
     /// Shell output not queued for the relay while the link was backlogged (tmux before 3.2, which
@@ -126,6 +140,8 @@ impl Daemon {
             link: Link::new(),
             tmux: None,
             popup_again_at: None,
+            popup_held: None,
+            held_n: 0,
             status_behind: false,
             relay_behind: false,
             ctl: None,
@@ -704,7 +720,31 @@ impl Daemon {
         }
         self.chat_show(&format!("  {}", ui::answer_hint(&features)));
         let cmd = self.popup_command(&ask, &features);
-        self.show_popup(req, cmd, false);
+        if features.has(tmux::Feat::PromptWithoutFreeze) {
+            self.show_popup(req, cmd, false);
+            return;
+        }
+        if let Some(h) = self.popup_held.take() {
+            self.show_held(h);
+        }
+        self.held_n += 1;
+        self.chat_send("A", self.held_n.to_string().as_bytes());
+        let until = Instant::now() + POPUP_HOLD;
+        self.popup_held = Some(HeldPopup { n: self.held_n, req: req.to_string(), cmd, until });
+    }
+
+    /// The chat pane has drawn up to `A n`: a held prompt may go up now.
+    fn on_shown(&mut self, n: u64) {
+        if let Some(h) = self.popup_held.take_if(|h| h.n == n) {
+            self.show_held(h);
+        }
+    }
+
+    /// A held prompt goes up if its request still waits for the customer's answer.
+    fn show_held(&mut self, h: HeldPopup) {
+        if self.grants.on_screen().is_some_and(|(req, _)| req == h.req) {
+            self.show_popup(&h.req, h.cmd, false);
+        }
     }
 
     fn popup_command(&self, ask: &ui::Ask, features: &tmux::Features) -> String {
@@ -740,6 +780,11 @@ impl Daemon {
         let words: Vec<&str> = line.split(' ').collect();
         match words.as_slice() {
             ["quit"] => self.begin_end(End::Customer),
+            ["shown", n] => {
+                if let Ok(n) = n.parse() {
+                    self.on_shown(n);
+                }
+            }
             [word @ ("grant" | "revoke" | "block")] => {
                 // The customer's tunnel decision (Ctrl-b u/U/X or the menu): done, and said.
                 match self.with_grants(|g| g.decide(word)) {
@@ -923,6 +968,7 @@ impl Daemon {
             self.tmux.as_ref().and_then(|t| t.deadline()),
             self.grants.deadline(),
             self.popup_again_at,
+            self.popup_held.as_ref().map(|h| h.until),
         ]
         .into_iter()
         .flatten()
@@ -936,6 +982,10 @@ impl Daemon {
             t.on_timers(now);
         }
         self.with_grants(|g| g.on_timers(now));
+        if let Some(h) = self.popup_held.take_if(|h| now >= h.until) {
+            self.log.line("the chat pane did not draw the tunnel request in time; asking all the same");
+            self.show_held(h);
+        }
         if self.popup_again_at.is_some_and(|r| now >= r) {
             self.popup_again_at = None;
             let f = self.tmux.as_ref().map(|t| t.features());

@@ -357,6 +357,9 @@ pub enum Feat {
     PromptOneKey,
     /// `%%%` in a `command-prompt` template: the answer with `"`, `\`, `$` escaped, `;` kept.
     PromptQuoteEscape,
+    /// The panes go on drawing while a status-line prompt or message is up (1.8 freezes the
+    /// client's terminal until it is gone).
+    PromptWithoutFreeze,
     /// `default-size` and `window-size` options, `resize-window`.
     DefaultSize,
     /// A status line too long for the terminal is cut (before: left and right that do not fit
@@ -396,6 +399,11 @@ pub const TABLE: &[(Feat, (u32, u32), &str)] = &[
     (Feat::OptionFormats, (2, 7), "#{@option} in formats (1.8's format_find has no options; 2.7 has)"),
     (Feat::PromptOneKey, (2, 7), "command-prompt -1 (not in 1.8; in 2.7)"),
     (Feat::PromptQuoteEscape, (2, 7), "%%% in prompt templates (not in 1.8's cmd_template_replace; in 2.7's)"),
+    (
+        Feat::PromptWithoutFreeze,
+        (2, 7),
+        "panes drawn under a prompt (1.8's status_prompt_set sets TTY_FREEZE; 2.7's not)",
+    ),
     (Feat::DefaultSize, (2, 9), "default-size, window-size (2.9 CHANGES)"),
     (Feat::StatusCut, (2, 9), "status line drawn by format_draw, cut to fit (2.9 CHANGES; 2.7's status.c blanks it)"),
     (Feat::NewParser, (3, 0), "yacc command parser (3.0 CHANGES)"),
