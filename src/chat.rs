@@ -276,7 +276,25 @@ impl Screen {
     }
 }
 
-fn write_all(s: &str) {
+/// Put the terminal on stdin into raw mode; what it was, for `restore_stdin`.
+pub fn raw_stdin() -> Option<rustix::termios::Termios> {
+    let stdin = rustix::stdio::stdin();
+    let saved = rustix::termios::tcgetattr(stdin).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        raw.make_raw();
+        let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw);
+    }
+    saved
+}
+
+pub fn restore_stdin(saved: &Option<rustix::termios::Termios>) {
+    if let Some(t) = saved {
+        let _ = rustix::termios::tcsetattr(rustix::stdio::stdin(), rustix::termios::OptionalActions::Now, t);
+    }
+}
+
+pub fn write_all(s: &str) {
     let mut b = s.as_bytes();
     while !b.is_empty() {
         match rustix::io::write(rustix::stdio::stdout(), b) {
@@ -298,12 +316,7 @@ fn open_fifo(dir: &Path) -> Option<(OwnedFd, OwnedFd)> {
 /// The `__chat` role.
 pub fn run(dir: &Path) -> i32 {
     let stdin = rustix::stdio::stdin();
-    let saved = rustix::termios::tcgetattr(stdin).ok();
-    if let Some(t) = &saved {
-        let mut raw = t.clone();
-        raw.make_raw();
-        let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw);
-    }
+    let saved = raw_stdin();
     let size = || rustix::termios::tcgetwinsize(rustix::stdio::stdout()).map(|w| (w.ws_row, w.ws_col)).ok();
     let (rows, cols) = size().filter(|&(r, c)| r > 0 && c > 0).unwrap_or((8, 80));
     let mut sc = Screen {
@@ -422,9 +435,7 @@ pub fn run(dir: &Path) -> i32 {
         }
     }
     write_all("\x1b[r\x1b[0m\r\n");
-    if let Some(t) = &saved {
-        let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, t);
-    }
+    restore_stdin(&saved);
     0
 }
 

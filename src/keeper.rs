@@ -15,7 +15,7 @@ use std::process::Command;
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::io::Errno;
 
-use crate::signals;
+use crate::{chat, signals};
 
 /// What the pane says once the shell has ended (the `remain-on-exit-format` of 3.3+).
 pub const ENDED: &str = "Shell ended: press Enter to restart it, q to end the session";
@@ -74,7 +74,7 @@ pub fn run(dir: &Path) -> i32 {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                print(&format!("\r\nlinbit-tunl: cannot start {}: {e}\r\n", shell.display()));
+                chat::write_all(&format!("\r\nlinbit-tunl: cannot start {}: {e}\r\n", shell.display()));
                 return wait_for_key(dir, &sig).unwrap_or(1);
             }
         };
@@ -92,10 +92,10 @@ pub fn run(dir: &Path) -> i32 {
         // An interactive shell gave the terminal back to our process group as it left; one that
         // was killed may not have.
         signals::take_terminal();
-        print(&format!("\r\n{ENDED}"));
+        chat::write_all(&format!("\r\n{ENDED}"));
         match wait_for_key(dir, &sig) {
             Some(code) => return code,
-            None => print("\r\n"),
+            None => chat::write_all("\r\n"),
         }
     }
 }
@@ -103,17 +103,8 @@ pub fn run(dir: &Path) -> i32 {
 /// Wait for Enter (None: start a new shell) or the end of the session (Some: exit with it).
 fn wait_for_key(dir: &Path, sig: &signals::SignalPipe) -> Option<i32> {
     let stdin = rustix::stdio::stdin();
-    let saved = rustix::termios::tcgetattr(stdin).ok();
-    if let Some(t) = &saved {
-        let mut raw = t.clone();
-        raw.make_raw();
-        let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw);
-    }
-    let restore = || {
-        if let Some(t) = &saved {
-            let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, t);
-        }
-    };
+    let saved = chat::raw_stdin();
+    let restore = || chat::restore_stdin(&saved);
     let mut buf = [0u8; 64];
     loop {
         let mut fds = [PollFd::new(&stdin, PollFlags::IN), PollFd::from_borrowed_fd(sig.fd(), PollFlags::IN)];
@@ -140,7 +131,7 @@ fn wait_for_key(dir: &Path, sig: &signals::SignalPipe) -> Option<i32> {
                 }
                 // Ctrl-b Q's way; the daemon ends the session and tmux hangs up on us.
                 Answer::Quit => {
-                    let _ = crate::chat::send_ctl(dir, "quit\n");
+                    let _ = chat::send_ctl(dir, "quit\n");
                 }
                 Answer::Wait => {}
             },
@@ -157,17 +148,6 @@ fn wait_signal(sig: &signals::SignalPipe) -> Vec<i32> {
     let mut fds = [PollFd::from_borrowed_fd(sig.fd(), PollFlags::IN)];
     let _ = poll(&mut fds, None);
     sig.drain()
-}
-
-fn print(s: &str) {
-    let mut off = 0;
-    while off < s.len() {
-        match rustix::io::write(rustix::stdio::stdout(), &s.as_bytes()[off..]) {
-            Ok(n) if n > 0 => off += n,
-            Err(Errno::INTR) => {}
-            _ => return,
-        }
-    }
 }
 
 #[cfg(test)]
