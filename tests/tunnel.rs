@@ -963,3 +963,22 @@ fn a_refresh_flood_costs_a_few_snapshots_not_one_each() {
     let sent = snaps(&conn) - before;
     assert!(sent <= 5, "{sent} SNAPs for 300 REFRESH lines");
 }
+
+/// The tunnel question as the customer sees it on 80x24, for the README's compatibility table
+/// (`cargo test --test tunnel popup_screen_for_the_readme -- --ignored --nocapture`, with
+/// TUNL_TEST_CLIENT_PATH for an old tmux).
+#[test]
+#[ignore]
+fn popup_screen_for_the_readme() {
+    let bed = Bed::new("readme");
+    let target = bed.target_arg();
+    let cust = Customer::start_sized(&bed, "readme", &["--target", &target], (80, 24));
+    let mut conn = cust.connected(&bed);
+    conn.send(&bed.upgrade("r1"));
+    let want = format!("as root on {target}");
+    assert!(cust.wait_screen(secs(15), |s| popup_shown(s) && s.contains(&want)), "no popup\n{}", cust.diag());
+    println!("{}", cust.screen());
+    cust.deny();
+    let ans = answer_to(&mut conn, "r1", secs(15)).unwrap_or_else(|| panic!("{:?}\n{}", conn.lines(), cust.diag()));
+    assert!(ans.starts_with("TUNNEL_REJECTED "), "{ans}");
+}
