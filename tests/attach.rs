@@ -50,10 +50,13 @@ fn attach_builds_a_window_in_the_customers_tmux_and_gives_everything_back() {
     let _servers = Servers(outer.clone(), theirs.clone());
     // The customer's own tmux, with its stock bindings, seen through a terminal (the outer server).
     // Its server, like a real one, has the client's tools first on its PATH: the panes it starts
-    // (our daemon among them) find the same tmux as the customer's shell.
+    // (our daemon among them) find the same tmux as the customer's shell. Its shell is sh with a
+    // home of its own: this machine's root ~/.bashrc (pyenv's rehash, which waits a minute on a
+    // lock a killed shell left) must not decide when the customer's prompt comes.
     let client = format!(
-        "env PATH='{}' {} -S {} -f /dev/null new-session -s mine",
+        "env PATH='{}' SHELL=/bin/sh HOME='{}' {} -S {} -f /dev/null new-session -s mine",
         client_path(),
+        scratch.path().display(),
         client_tmux().display(),
         theirs.display()
     );
