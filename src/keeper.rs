@@ -42,11 +42,7 @@ pub fn answer(keys: &[u8]) -> Answer {
 /// The login shell tmux would start: `$SHELL` when it is an absolute path to an executable (tmux
 /// puts its `default-shell` there), else `/bin/sh`; `argv[0]` is `-` and its file name.
 pub fn login_shell(shell: Option<&str>) -> (PathBuf, String) {
-    let usable = |s: &&str| {
-        use std::os::unix::fs::PermissionsExt;
-        Path::new(s).is_absolute()
-            && std::fs::metadata(s).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    let usable = |s: &&str| Path::new(s).is_absolute() && crate::is_executable(Path::new(s));
     let path = PathBuf::from(shell.filter(usable).unwrap_or("/bin/sh"));
     let name = path.file_name().map_or("sh".into(), |n| n.to_string_lossy().into_owned());
     (path, format!("-{name}"))

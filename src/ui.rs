@@ -360,11 +360,9 @@ pub fn tmux_conf(cfg: &Config, dir: &Path, exe: &Path, f: &Features) -> String {
             let fmt = format!(" {label} {} ", fmt_escape(&format!("prefix {}", display_key(prefix))));
             line(&mut c, &format!("set-window-option -g pane-border-format {}", quote(&fmt)));
         }
-        if f.version >= (3, 3) {
-            line(
-                &mut c,
-                "set-window-option -g remain-on-exit-format 'Shell ended: press Enter to restart it, q to end the session'",
-            );
+        if f.has(Feat::RemainOnExitFormat) {
+            // The line the keeper (3.2.x) prints itself: one text on every version.
+            line(&mut c, &format!("set-window-option -g remain-on-exit-format {}", quote(crate::keeper::ENDED)));
         }
     }
     if !cfg.attach {
