@@ -47,16 +47,17 @@ const POPUP_AGAIN: Duration = Duration::from_secs(5);
 const POPUP_IDLE_SECS: u64 = 5;
 /// How long a prompt waits for the chat pane to draw its request (tmux 1.8, `popup_held`).
 const POPUP_HOLD: Duration = Duration::from_secs(3);
+/// What one poll wake-up reads from one pipe at most (F4): the other pipes, timers and signals get
+/// their turn even when a producer refills the pipe as fast as we empty it.
+const READ_BUDGET: usize = 256 << 10;
 
+/// A Grant/Deny prompt waiting for the chat pane to draw request `n` (the daemon's own number).
 struct HeldPopup {
-    n: u64,
+    n: u32,
     req: String,
     cmd: String,
     until: Instant,
 }
-/// What one poll wake-up reads from one pipe at most (F4): the other pipes, timers and signals get
-/// their turn even when a producer refills the pipe as fast as we empty it.
-const READ_BUDGET: usize = 256 << 10;
 
 /// How the session ended, for the exit status and the BYE reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +99,6 @@ pub struct Daemon {
     /// on tmux 1.8 the prompt freezes the terminal, and the question's details (target, keys) are
     /// only in the chat pane. Shown anyway at the deadline.
     popup_held: Option<HeldPopup>,
-    held_n: u64,
     /// Status rows not sent while tmux was not keeping up; sent once it is.
     status_behind: bool,
     /// Shell output not queued for the relay while the link was backlogged (tmux before 3.2, which
@@ -141,7 +141,6 @@ impl Daemon {
             tmux: None,
             popup_again_at: None,
             popup_held: None,
-            held_n: 0,
             status_behind: false,
             relay_behind: false,
             ctl: None,
@@ -727,14 +726,13 @@ impl Daemon {
         if let Some(h) = self.popup_held.take() {
             self.show_held(h);
         }
-        self.held_n += 1;
-        self.chat_send("A", self.held_n.to_string().as_bytes());
+        self.chat_send("A", ask.n.to_string().as_bytes());
         let until = Instant::now() + POPUP_HOLD;
-        self.popup_held = Some(HeldPopup { n: self.held_n, req: req.to_string(), cmd, until });
+        self.popup_held = Some(HeldPopup { n: ask.n, req: req.to_string(), cmd, until });
     }
 
     /// The chat pane has drawn up to `A n`: a held prompt may go up now.
-    fn on_shown(&mut self, n: u64) {
+    fn on_shown(&mut self, n: u32) {
         if let Some(h) = self.popup_held.take_if(|h| h.n == n) {
             self.show_held(h);
         }
