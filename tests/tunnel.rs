@@ -866,7 +866,7 @@ fn typing_never_grants_and_the_popup_says_who_where_and_which_key_on_80x24() {
     cust.wait_screen(secs(10), |s| wants.iter().all(|w| s.contains(w)));
     let screen = cust.screen();
     for want in wants {
-        assert!(screen.contains(want), "the popup does not say {want:?}:\n{screen}");
+        assert!(screen.contains(want), "the popup does not say {want:?}:\n{}", cust.diag());
     }
     // The status line and the chat pane's status row fit 80 columns whole (before 3.0 the status
     // line is the prompt until it is answered: checked below).
