@@ -2,8 +2,8 @@
 //!
 //! The chat pane pins two status rows at the top (row 1: session, relay, viewers, mode, tunnel, BRB;
 //! row 2: support's NOTE), scrolls the chat history in a DECSTBM region below them and keeps the
-//! `customer> ` prompt on the last row. It reads `DIR/chat.fifo` (`S1 B64`, `S2 B64`, `M B64`) and
-//! writes control lines to `DIR/ctl.fifo`. One poll loop over stdin and the fifo; the window size is
+//! `customer> ` prompt on the last row. It reads `DIR/chat.fifo` (`S1 B64`, `S2 B64`, `M B64`,
+//! `A B64`) and writes control lines to `DIR/ctl.fifo`. One poll loop over stdin and the fifo; the window size is
 //! re-checked on every wake-up and at least every 500 ms (no signal handler needed for SIGWINCH).
 //! Bad input of any kind is ignored; the pane only ends when its terminal goes away.
 
